@@ -1,0 +1,24 @@
+"""fascore: Ascend's FlashAttentionScore (npu_fusion_attention) on PyTorch, CPU and CUDA."""
+from .api import (
+    npu_fusion_attention,
+    npu_fusion_attention_grad,
+    npu_fusion_attention_grad_v2,
+    npu_fusion_attention_v2,
+)
+from .engine import available_engines, current_engine_name, register_engine, set_default_engine, use_engine
+from .errors import (
+    ACLNN_ERR_PARAM_INVALID,
+    ACLNN_ERR_PARAM_NULLPTR,
+    ACLNN_ERR_RUNTIME_ERROR,
+    ACLNN_SUCCESS,
+    FlashAttentionError,
+)
+from . import aclnn  # noqa: E402  (after the API it wraps)
+
+__all__ = [
+    "npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_grad",
+    "npu_fusion_attention_grad_v2", "FlashAttentionError", "aclnn", "use_engine", "available_engines",
+    "current_engine_name", "register_engine", "set_default_engine", "ACLNN_SUCCESS",
+    "ACLNN_ERR_PARAM_NULLPTR", "ACLNN_ERR_PARAM_INVALID", "ACLNN_ERR_RUNTIME_ERROR",
+]
+__version__ = "0.1.0"

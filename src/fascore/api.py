@@ -1,0 +1,313 @@
+"""torch_npu-compatible entry points (SPEC §1): validate -> canonical problem -> engine -> layout.
+
+``npu_fusion_attention[_v2]`` are differentiable through ``_FusionAttention`` (an
+``autograd.Function``) whose backward calls the grad op, as flash-attn layers its interface.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import get_engine
+from .errors import invalid, nullptr, runtime
+from .layouts import from_bnsd, tnd_rows, tnd_stats_view, to_bnsd
+from .problem import Problem
+from .validation import INT32_MAX, Names, build_problem
+
+_V1_NAMES = Names({"pre_tokens": "pre_tockens", "next_tokens": "next_tockens"})
+_GRAD_V1_NAMES = Names({"pre_tokens": "pre_tockens", "next_tokens": "next_tockens", "scale": "scale_value"})
+_GRAD_V2_NAMES = Names({"scale": "scale_value"})
+
+
+# --------------------------------------------------------------------------- memory guard
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(prob: Problem, backward: bool) -> int:
+    """Estimated bytes of a run (outputs + engine scratch); 361001 if they cannot fit."""
+    engine = get_engine()
+    item = torch.finfo(prob.dtype).bits // 8
+    outs = 1
+    for s in prob.out_shape:
+        outs *= s
+    stats = 1
+    for s in prob.stats_shape:
+        stats *= s
+    need = outs * item + 2 * stats * 4
+    if backward:
+        need += sum(s.q.numel() + s.k.numel() + s.v.numel() for s in prob.segments) * item
+    need += max((engine.workspace_bytes(s, prob, backward) for s in prob.segments), default=0)
+    have = available_memory(prob.device)
+    if need > have:
+        raise runtime(f"memory: this call needs about {need / 2**30:.2f} GiB on {prob.device} "
+                      f"but only {have / 2**30:.2f} GiB is available")
+    return need
+
+
+# --------------------------------------------------------------------------- forward / backward cores
+def run_forward(prob: Problem) -> tuple[Tensor, Tensor, Tensor]:
+    """(attention_out, softmax_max, softmax_sum) in the caller's layout."""
+    check_memory(prob, backward=False)
+    engine = get_engine()
+    dev = prob.device
+    if prob.layout != "TND":
+        (seg,) = prob.segments
+        o, m, l = engine.forward(seg, prob)
+        out = from_bnsd(o.to(prob.dtype), prob.layout)
+        smax = m.float().unsqueeze(-1).expand(*m.shape, 8).contiguous()
+        ssum = l.float().unsqueeze(-1).expand(*l.shape, 8).contiguous()
+        return out, smax, ssum
+    out = torch.zeros(prob.out_shape, dtype=prob.dtype, device=dev)
+    smax = torch.zeros(prob.stats_shape, dtype=torch.float32, device=dev)
+    ssum = torch.zeros(prob.stats_shape, dtype=torch.float32, device=dev)
+    for seg in prob.segments:
+        bt = seg.batch
+        o, m, l = engine.forward(seg, prob)
+        out[bt.q0:bt.q0 + bt.sq] = o[0].permute(1, 0, 2).to(prob.dtype)
+        tnd_stats_view(smax, bt, prob.n1, prob.softmax_layout)[...] = m[0].float().unsqueeze(-1)
+        tnd_stats_view(ssum, bt, prob.n1, prob.softmax_layout)[...] = l[0].float().unsqueeze(-1)
+    return out, smax, ssum
+
+
+def _check_grad_inputs(prob: Problem, dy: Any, attention_in: Any, softmax_max: Any, softmax_sum: Any,
+                       nm: Names) -> None:
+    for name, t in (("dy", dy), ("softmax_max", softmax_max), ("softmax_sum", softmax_sum),
+                    ("attention_in", attention_in)):
+        if t is None:
+            raise nullptr(nm[name])
+        if not isinstance(t, Tensor):
+            raise invalid(f"{nm[name]}={t!r}: must be a torch.Tensor")
+        if t.device != prob.device:
+            raise invalid(f"{nm[name]} is on {t.device} but query is on {prob.device}")
+    for name, t in (("dy", dy), ("attention_in", attention_in)):
+        if tuple(t.shape) != prob.out_shape or t.dtype != prob.dtype:
+            raise invalid(f"{nm[name]} shape {list(t.shape)} dtype {t.dtype}: must be the forward output's "
+                          f"shape {list(prob.out_shape)} and dtype {prob.dtype}")
+    for name, t in (("softmax_max", softmax_max), ("softmax_sum", softmax_sum)):
+        if tuple(t.shape) != prob.stats_shape or t.dtype != torch.float32:
+            raise invalid(f"{nm[name]} shape {list(t.shape)} dtype {t.dtype}: must be float32 "
+                          f"{list(prob.stats_shape)} as the forward returns it")
+
+
+def run_backward(prob: Problem, dy: Tensor, attention_in: Tensor, softmax_max: Tensor,
+                 softmax_sum: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """(dq, dk, dv, dpse, dsink, dq_rope, dk_rope) in the caller's layout and dtypes."""
+    check_memory(prob, backward=True)
+    engine = get_engine()
+    dev, d = prob.device, prob.d
+    dpse = torch.zeros(prob.pse.shape, dtype=torch.float32, device=dev) if prob.pse is not None else None
+    dsink = torch.zeros(prob.n1, dtype=torch.float32, device=dev) if prob.sink is not None else None
+    results = []
+    for seg in prob.segments:
+        if prob.layout != "TND":
+            dy4, o4 = to_bnsd(dy, prob.layout, prob.n1), to_bnsd(attention_in, prob.layout, prob.n1)
+            m, l = softmax_max[..., 0], softmax_sum[..., 0]
+        else:
+            bt = seg.batch
+            dy4, o4 = tnd_rows(dy, bt.q0, bt.sq), tnd_rows(attention_in, bt.q0, bt.sq)
+            m = tnd_stats_view(softmax_max, bt, prob.n1, prob.softmax_layout)[..., 0].unsqueeze(0)
+            l = tnd_stats_view(softmax_sum, bt, prob.n1, prob.softmax_layout)[..., 0].unsqueeze(0)
+        dpse_seg = dpse[seg.pse_rows] if dpse is not None else None
+        results.append((seg, engine.backward(seg, prob, dy4, o4, m, l, dpse_seg, dsink)))
+
+    def assemble(idx: int, cols: slice, like: Tensor, rows: str) -> Tensor:
+        if prob.layout != "TND":
+            return from_bnsd(results[0][1][idx][..., cols].to(prob.dtype), prob.layout)
+        buf = torch.zeros_like(like)
+        for seg, g in results:
+            bt = seg.batch
+            r0, n = (bt.q0, bt.sq) if rows == "q" else (bt.k0, bt.skv)
+            buf[r0:r0 + n] = g[idx][0, :, :, cols].permute(1, 0, 2).to(prob.dtype)
+        return buf
+
+    q, k, v = prob.inputs
+    dq = assemble(0, slice(0, d), q, "q")
+    dk = assemble(1, slice(0, d), k, "k")
+    dv = assemble(2, slice(None), v, "k")
+    dqr = dkr = None
+    if prob.rope is not None:
+        dqr = assemble(0, slice(d, None), prob.rope[0], "q")
+        dkr = assemble(1, slice(d, None), prob.rope[1], "k")
+    dpse_out = dpse.to(prob.pse.dtype) if dpse is not None else None
+    dsink_out = dsink if dsink is not None else torch.empty(0, dtype=torch.float32, device=dev)
+    return dq, dk, dv, dpse_out, dsink_out, dqr, dkr
+
+
+# --------------------------------------------------------------------------- autograd
+class _FusionAttention(torch.autograd.Function):
+    """Forward runs the engine; backward calls the grad op with the forward's outputs."""
+
+    @staticmethod
+    def forward(ctx: Any, prob: Problem, grad_kwargs: dict, query: Tensor, key: Tensor, value: Tensor,
+                pse: Tensor | None, sink: Tensor | None, query_rope: Tensor | None,
+                key_rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        out, smax, ssum = run_forward(prob)
+        ctx.mark_non_differentiable(smax, ssum)
+        ctx.save_for_backward(query, key, value, pse, sink, query_rope, key_rope, out, smax, ssum)
+        ctx.grad_kwargs = grad_kwargs
+        ctx.pse_differentiable = prob.pse is not None
+        return out, smax, ssum
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: Tensor, _dmax: Any, _dsum: Any) -> tuple[Any, ...]:
+        query, key, value, pse, sink, query_rope, key_rope, out, smax, ssum = ctx.saved_tensors
+        kw = ctx.grad_kwargs
+        prob = build_problem(query, key, value, kw["head_num"], kw["input_layout"], pse=pse, sink=sink,
+                             query_rope=query_rope, key_rope=key_rope, draw_missing_seed=False,
+                             **kw["rest"])
+        dq, dk, dv, dpse, dsink, dqr, dkr = run_backward(prob, dout.contiguous(), out, smax, ssum)
+        return (None, None, dq, dk, dv, dpse if ctx.pse_differentiable else None,
+                dsink if sink is not None else None, dqr, dkr)
+
+
+def _attention(query: Any, key: Any, value: Any, head_num: Any, input_layout: Any, names: Names,
+               **kw: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
+    prob = build_problem(query, key, value, head_num, input_layout, names=names, **kw)
+    pse, sink = kw.get("pse"), kw.get("sink")
+    qr, kr = kw.get("query_rope"), kw.get("key_rope")
+    diff = [query, key, value, sink, qr, kr] + ([pse] if prob.pse is not None else [])
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in diff):
+        rest = {k: v for k, v in kw.items() if k not in ("pse", "sink", "query_rope", "key_rope")}
+        rest.update(seed=prob.seed, offset=prob.offset)
+        grad_kwargs = {"head_num": head_num, "input_layout": input_layout, "rest": rest}
+        out, smax, ssum = _FusionAttention.apply(prob, grad_kwargs, query, key, value, pse, sink, qr, kr)
+    else:
+        out, smax, ssum = run_forward(prob)
+    softmax_out = torch.empty(0, dtype=prob.dtype, device=prob.device)
+    return out, smax, ssum, softmax_out, prob.seed, prob.offset, prob.numels
+
+
+# --------------------------------------------------------------------------- public entry points
+def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: int, input_layout: str,
+                         pse: Tensor | None = None, padding_mask: Tensor | None = None,
+                         atten_mask: Tensor | None = None, scale: float = 1.0, keep_prob: float = 1.0,
+                         pre_tockens: int = INT32_MAX, next_tockens: int = INT32_MAX, inner_precise: int = 0,
+                         prefix: list[int] | None = None, actual_seq_qlen: list[int] | None = None,
+                         actual_seq_kvlen: list[int] | None = None, sparse_mode: int = 0,
+                         gen_mask_parallel: bool = True, sync: bool = False, softmax_layout: str = "",
+                         sink: Tensor | None = None, dropout_mask: Tensor | None = None, seed: int = 0,
+                         offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
+    """FlashAttentionScore, torch_npu's v1 signature (pse_type is 1).
+
+    Returns ``(attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels)``:
+    attention_out in ``input_layout`` with query's dtype and Dv; softmax_max/sum float32
+    [B, N1, Sq, 8] (TND: [T1, N1, 8]); softmax_out an empty tensor. Per batch b and query head n
+    (kv head n // G): L = (Q K^T + pse) * scale, masked by ``sparse_mode``/``atten_mask``/
+    ``pre_tockens``/``next_tockens``/``prefix``, P = softmax(L) (with ``sink`` joining the
+    normalisation), out = (P * Z / keep_prob) V. See SPEC.md and README for every rule.
+    Differentiable w.r.t. query, key, value, pse and sink. Raises ``FlashAttentionError``.
+    """
+    return _attention(query, key, value, head_num, input_layout, _V1_NAMES, pse=pse,
+                      padding_mask=padding_mask, atten_mask=atten_mask, scale=scale, keep_prob=keep_prob,
+                      pre_tokens=pre_tockens, next_tokens=next_tockens, inner_precise=inner_precise,
+                      prefix=prefix, actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                      sparse_mode=sparse_mode, softmax_layout=softmax_layout, sink=sink,
+                      dropout_mask=dropout_mask, seed=seed, offset=offset)
+
+
+def npu_fusion_attention_v2(query: Tensor, key: Tensor, value: Tensor, head_num: int, input_layout: str, *,
+                            pse: Tensor | None = None, padding_mask: Tensor | None = None,
+                            atten_mask: Tensor | None = None, query_rope: Tensor | None = None,
+                            key_rope: Tensor | None = None, scale: float = 1.0, keep_prob: float = 1.0,
+                            pre_tokens: int = INT32_MAX, next_tokens: int = INT32_MAX, inner_precise: int = 0,
+                            prefix: list[int] | None = None, actual_seq_qlen: list[int] | None = None,
+                            actual_seq_kvlen: list[int] | None = None, sparse_mode: int = 0,
+                            gen_mask_parallel: bool = True, sync: bool = False, pse_type: int = 1,
+                            q_start_idx: list[int] | None = None, kv_start_idx: list[int] | None = None,
+                            softmax_layout: str = "", sink: Tensor | None = None,
+                            dropout_mask: Tensor | None = None, seed: int = 0,
+                            offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
+    """FlashAttentionScore, torch_npu's v2 signature: v1 plus ``pse_type`` (0: S*scale + pse,
+    1: (S + pse)*scale, 2/3: in-kernel ALiBi from slopes with ``q_start_idx``/``kv_start_idx``)
+    and ``query_rope``/``key_rope`` (S = Q K^T + Qr Kr^T). Same 7-tuple as ``npu_fusion_attention``.
+    """
+    return _attention(query, key, value, head_num, input_layout, Names(), pse=pse,
+                      padding_mask=padding_mask, atten_mask=atten_mask, query_rope=query_rope,
+                      key_rope=key_rope, scale=scale, keep_prob=keep_prob, pre_tokens=pre_tokens,
+                      next_tokens=next_tokens, inner_precise=inner_precise, prefix=prefix,
+                      actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                      sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx,
+                      kv_start_idx=kv_start_idx, softmax_layout=softmax_layout, sink=sink,
+                      dropout_mask=dropout_mask, seed=seed, offset=offset)
+
+
+def _grad(query: Any, key: Any, value: Any, dy: Any, head_num: Any, input_layout: Any, names: Names,
+          softmax_max: Any, softmax_sum: Any, attention_in: Any, numels: Any, **kw: Any) -> tuple:
+    prob = build_problem(query, key, value, head_num, input_layout, names=names, draw_missing_seed=False, **kw)
+    _check_grad_inputs(prob, dy, attention_in, softmax_max, softmax_sum, names)
+    if isinstance(numels, bool) or not isinstance(numels, int) or (numels != 0 and numels != prob.numels):
+        raise invalid(f"numels={numels!r}: must be 0 or the forward's mask size {prob.numels}")
+    with torch.no_grad():
+        return run_backward(prob, dy, attention_in, softmax_max, softmax_sum)
+
+
+def npu_fusion_attention_grad(query: Tensor, key: Tensor, value: Tensor, dy: Tensor, head_num: int,
+                              input_layout: str, *, pse: Tensor | None = None, padding_mask: Tensor | None = None,
+                              atten_mask: Tensor | None = None, softmax_max: Tensor | None = None,
+                              softmax_sum: Tensor | None = None, softmax_in: Tensor | None = None,
+                              attention_in: Tensor | None = None, scale_value: float = 1.0,
+                              keep_prob: float = 1.0, pre_tockens: int = INT32_MAX,
+                              next_tockens: int = INT32_MAX, inner_precise: int = 0, seed: int = 0,
+                              offset: int = 0, numels: int = 0, prefix: list[int] | None = None,
+                              actual_seq_qlen: list[int] | None = None, actual_seq_kvlen: list[int] | None = None,
+                              sparse_mode: int = 0, gen_mask_parallel: bool = True, sync: bool = False,
+                              softmax_layout: str = "", sink: Tensor | None = None,
+                              dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """Gradient of ``npu_fusion_attention``: ``(dq, dk, dv, dpse, dsink)``.
+
+    P is rebuilt from ``softmax_max``/``softmax_sum`` and ``attention_in`` is the forward output
+    (it is not recomputed). dpse is None without pse; dsink is empty without sink.
+    """
+    dq, dk, dv, dpse, dsink, _, _ = _grad(
+        query, key, value, dy, head_num, input_layout, _GRAD_V1_NAMES, softmax_max, softmax_sum, attention_in,
+        numels, pse=pse, padding_mask=padding_mask, atten_mask=atten_mask, scale=scale_value,
+        keep_prob=keep_prob, pre_tokens=pre_tockens, next_tokens=next_tockens, inner_precise=inner_precise,
+        seed=seed, offset=offset, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
+        actual_seq_kvlen=actual_seq_kvlen, sparse_mode=sparse_mode, softmax_layout=softmax_layout,
+        sink=sink, dropout_mask=dropout_mask)
+    return dq, dk, dv, dpse, dsink
+
+
+def npu_fusion_attention_grad_v2(query: Tensor, key: Tensor, value: Tensor, dy: Tensor, head_num: int,
+                                 input_layout: str, *, pse: Tensor | None = None,
+                                 padding_mask: Tensor | None = None, atten_mask: Tensor | None = None,
+                                 softmax_max: Tensor | None = None, softmax_sum: Tensor | None = None,
+                                 softmax_in: Tensor | None = None, attention_in: Tensor | None = None,
+                                 query_rope: Tensor | None = None, key_rope: Tensor | None = None,
+                                 scale_value: float = 1.0, keep_prob: float = 1.0,
+                                 pre_tokens: int = INT32_MAX, next_tokens: int = INT32_MAX,
+                                 inner_precise: int = 0, seed: int = 0, offset: int = 0, numels: int = 0,
+                                 prefix: list[int] | None = None, actual_seq_qlen: list[int] | None = None,
+                                 actual_seq_kvlen: list[int] | None = None, sparse_mode: int = 0,
+                                 gen_mask_parallel: bool = True, sync: bool = False, pse_type: int = 1,
+                                 q_start_idx: list[int] | None = None, kv_start_idx: list[int] | None = None,
+                                 softmax_layout: str = "", sink: Tensor | None = None,
+                                 dropout_mask: Tensor | None = None) -> tuple:
+    """Gradient of ``npu_fusion_attention_v2``: ``(dq, dk, dv, dpse, dsink)``, plus
+    ``(dq_rope, dk_rope)`` when query_rope/key_rope are given. dpse is None for pse_type 2/3."""
+    dq, dk, dv, dpse, dsink, dqr, dkr = _grad(
+        query, key, value, dy, head_num, input_layout, _GRAD_V2_NAMES, softmax_max, softmax_sum, attention_in,
+        numels, pse=pse, padding_mask=padding_mask, atten_mask=atten_mask, query_rope=query_rope,
+        key_rope=key_rope, scale=scale_value, keep_prob=keep_prob, pre_tokens=pre_tokens,
+        next_tokens=next_tokens, inner_precise=inner_precise, seed=seed, offset=offset, prefix=prefix,
+        actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen, sparse_mode=sparse_mode,
+        pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
+        softmax_layout=softmax_layout, sink=sink, dropout_mask=dropout_mask)
+    if query_rope is not None:
+        return dq, dk, dv, dpse, dsink, dqr, dkr
+    return dq, dk, dv, dpse, dsink
