@@ -68,3 +68,12 @@ def use_engine(name: str) -> Iterator[None]:
         yield
     finally:
         _local.name = prev
+
+
+def _register_builtin() -> None:
+    from . import flash
+
+    register_engine("flash", flash, default=True)
+
+
+_register_builtin()
