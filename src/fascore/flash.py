@@ -52,9 +52,9 @@ class _Tiles:
 
     def logits(self, qt: Tensor, i0: int, i1: int, j0: int, j1: int, partial: bool, ct: torch.dtype) -> Tensor:
         """Scaled, biased, masked logits [B*N2, G*bq, bk] in ``ct`` (-inf where not taking part)."""
-        s = torch.bmm(qt, self.kt[:, :, j0:j1])
+        kt = self.kt[:, :, j0:j1]
+        s = torch.baddbmm(torch.empty((), dtype=qt.dtype, device=qt.device), qt, kt, beta=0, alpha=self.prob.scale)
         s = s.to(ct) if s.dtype != ct else s
-        s.mul_(self.prob.scale)
         s5 = s.view(self.b, self.n2, self.g, i1 - i0, j1 - j0)
         pse = self.seg.pse
         if pse is not None:

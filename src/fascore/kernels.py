@@ -84,6 +84,9 @@ def rectangles(mask: MaskSpec, bq: int, bk: int) -> Iterator[tuple[int, int, int
     Adjacent FULL tiles of a block row merge into one rectangle, and block rows with the same
     FULL run merge vertically; PARTIAL tiles stay single ("causal" when top-left causal).
     """
+    if mask.explicit is None and (mask.prefix is None or max(mask.prefix) <= 0) and mask.lo <= -(mask.sq - 1):
+        yield from _upper_band_rectangles(mask)
+        return
     kinds = plan_blocks(mask, bq, bk, torch.device("cpu")).tolist()
     pending: tuple[int, int, int, int] | None = None  # a FULL rectangle that may still grow down
     for qb, row in enumerate(kinds):
@@ -115,3 +118,16 @@ def rectangles(mask: MaskSpec, bq: int, bk: int) -> Iterator[tuple[int, int, int
         yield from singles
     if pending is not None:
         yield (*pending, "full")
+
+
+def _upper_band_rectangles(mask: MaskSpec) -> Iterator[tuple[int, int, int, int, str]]:
+    """j - i <= hi only (dense, causal modes 2/3): at most one full and one causal rectangle."""
+    sq, skv, hi = mask.sq, mask.skv, mask.hi
+    if hi >= skv - 1:
+        yield (0, sq, 0, skv, "full")
+    elif hi >= 0:
+        if hi > 0:
+            yield (0, sq, 0, hi, "full")
+        yield (0, sq, hi, skv, "causal")
+    elif -hi < sq:
+        yield (-hi, sq, 0, skv, "causal")
