@@ -314,7 +314,6 @@ def attention_oracle(query, key, value, head_num, input_layout, *, dtype=torch.f
     # ---- per-batch views [N, S, d] -------------------------------------------------------
     if tnd:
         T1, _, D = query.shape
-        T2 = key.shape[0]
         batches = tnd_batches(actual_seq_qlen, actual_seq_kvlen)
 
         def qpart(x, s, n):

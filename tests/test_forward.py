@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import (assert_within_rule, band_ok, call_forward, causal_slopes, check_forward,
-                      cumsum, gen, make_qkv, random_mask, randn)
+                      gen, make_qkv, random_mask, randn)
 from oracle import (FLT_MAX, attention_oracle, compressed_causal_mask, compressed_prefix_mask,
                     oracle_numels)
 
@@ -47,6 +47,14 @@ def test_dtypes(layout, dtype):
                    **kw)
     check_forward(inp, scale=0.25, atten_mask=CAUSAL, sparse_mode=3)
     check_forward(inp, scale=0.25)
+
+
+def test_scale_is_rounded_to_float32():
+    """SPEC 3 / decisions: scale is used as a float32 number, also for float64 inputs (where the
+    tolerance is ~1e-12, far below the 1e-8 relative change of rounding 0.1 to float32)."""
+    inp = make_qkv("BSH", B=1, N1=2, Sq=6, Skv=7, D=8, dtype=torch.float64, seed=44)
+    inp["query"] = inp["query"] * 8
+    check_forward(inp, scale=0.1)
 
 
 def test_lowercase_layout():
@@ -127,6 +135,14 @@ def test_compressed_alibi_pse(pse_type, mode):
     else:
         kw = dict(atten_mask=CAUSAL)
     check_forward(inp, scale=0.5, pse=pse, pse_type=pse_type, sparse_mode=mode, **kw)
+
+
+def test_pse_with_1024_rows_at_sq_1024_is_a_full_pse():
+    """SPEC 3: with Sq == 1024 a [.., 1024, Skv] pse is an ordinary full pse (no causal pattern
+    needed, Skv may differ)."""
+    inp = make_qkv("BNSD", B=1, N1=1, Sq=1024, Skv=6, D=2, seed=43)
+    pse = randn((1, 1, 1024, 6), torch.float32, gen(43), scale=3.0)
+    check_forward(inp, scale=0.5, pse=pse, pse_type=0)
 
 
 def test_compressed_alibi_pse_batch_broadcast():
@@ -255,6 +271,13 @@ def test_prefix_mode5(prefix, mask_heads):
     check_forward(inp, scale=0.4, sparse_mode=5, atten_mask=mask, prefix=prefix)
 
 
+@pytest.mark.parametrize("mshape", [(5, 9), (1, 1, 5, 9), (1, 2, 5, 9)])
+def test_prefix_mode5_single_batch_any_full_mask(mshape):
+    inp = make_qkv("BSND", B=1, N1=2, Sq=5, Skv=9, D=4, seed=42)
+    mask = random_mask(mshape, 0.2, 42)
+    check_forward(inp, scale=0.4, sparse_mode=5, atten_mask=mask, prefix=[6])
+
+
 @pytest.mark.parametrize("Sq,Skv,prefix", [(5, 9, [4, 9]), (9, 5, [0, 5]), (7, 7, [3, 0])])
 def test_prefix_mode6(Sq, Skv, prefix):
     inp = make_qkv("BNSD", B=2, N1=2, Sq=Sq, Skv=Skv, D=4, seed=26)
@@ -271,9 +294,10 @@ def test_no_mask_means_no_masking(mode):
     assert (res[0].double() - ref).abs().max() < 1e-5
 
 
-def test_sparse_mode_without_mask_warns_once_per_process():
-    code = textwrap.dedent("""
+def test_sparse_mode_without_mask_warns_once_per_process(engine):
+    code = textwrap.dedent(f"""
         import warnings, torch, fascore
+        fascore.use_engine({engine!r}).__enter__()
         q = torch.randn(1, 3, 2, 4)
         def call(mode):
             with warnings.catch_warnings(record=True) as w:
@@ -494,10 +518,6 @@ def test_tnd_decreasing_seqlen_rejected(fa):
         call_forward("v2", dict(inp, actual_seq_qlen=[3, 2]))
     assert ei.value.status == 161002
     with pytest.raises(fa.FlashAttentionError) as ei:
-        call_forward("v2", inp, query=None) if False else fa.npu_fusion_attention_v2(
-            None, inp["key"], inp["value"], 2, "TND", actual_seq_qlen=[3, 5],
-            actual_seq_kvlen=[3, 5])
+        fa.npu_fusion_attention_v2(None, inp["key"], inp["value"], 2, "TND",
+                                   actual_seq_qlen=[3, 5], actual_seq_kvlen=[3, 5])
     assert ei.value.status == 161001
-
-
-_ = cumsum

@@ -113,15 +113,19 @@ def forward(seg: Segment, prob: Problem) -> tuple[Tensor, Tensor, Tensor]:
             z = t.keep(i0, i1, j0, j1, ct)
             if z is not None:
                 s.mul_(z)
-            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s.to(mm) if mm != ct else s, t.v[:, j0:j1])
+            acc.mul_(alpha.unsqueeze(-1))
+            if mm == ct:
+                acc.baddbmm_(s, t.v[:, j0:j1])
+            else:
+                acc.add_(torch.bmm(s.to(mm), t.v[:, j0:j1]))
             m = m_new
         # Finalise rows: sink, invalid rows (nothing took part), normalisation.
         m4, l4, acc4 = (x.view(t.b, t.n2, t.g, i1 - i0, *x.shape[2:]) for x in (m, l, acc))
         valid = m4 != float("-inf")
         if sink is not None:
-            m_fin = torch.maximum(m4, sink.unsqueeze(-1).expand_as(m4))
+            m_fin = torch.maximum(m4, sink)
             a = torch.exp(m4 - m_fin)
-            l4 = l4 * a + torch.exp(sink.unsqueeze(-1) - m_fin)
+            l4 = l4 * a + torch.exp(sink - m_fin)
             acc4 = acc4 * a.unsqueeze(-1)
             m4 = m_fin
         else:

@@ -79,17 +79,17 @@ def _tensor(value: Any, name: str, device: torch.device) -> Tensor:
     return value
 
 
-def _band_rule(pre: int, nxt: int, sq: int, skv: int, what: str, names: Names) -> None:
-    """SPEC §4 band rules on the top-left equivalents pre', next'."""
+def _band_rule(pre: int, nxt: int, shift: int, sq: int, skv: int, what: str, names: Names) -> None:
+    """SPEC §4 band rules on the top-left equivalents pre' = pre - shift, next' = next + shift."""
+    p_, n_ = pre - shift, nxt + shift
     p, n = names["pre_tokens"], names["next_tokens"]
-    if pre < 0 and nxt < 0:
-        raise invalid(f"{what}: {p}={pre} and {n}={nxt} leave the band empty (not both may be negative)")
-    if pre < 0 and (nxt < -pre or -pre >= skv):
-        raise invalid(f"{what}: {p}={pre} and {n}={nxt} leave the band empty "
-                      f"(with {p} < 0, {n} must be >= |{p}| and |{p}| < Skv={skv})")
-    if nxt < 0 and (pre < -nxt or -nxt >= sq):
-        raise invalid(f"{what}: {p}={pre} and {n}={nxt} leave the band empty "
-                      f"(with {n} < 0, {p} must be >= |{n}| and |{n}| < Sq={sq})")
+    got = f"{what}: {p}={pre} and {n}={nxt}" + (f" (top-left pre'={p_}, next'={n_})" if shift else "")
+    if p_ < 0 and n_ < 0:
+        raise invalid(f"{got} leave the band empty (not both may be negative)")
+    if p_ < 0 and (n_ < -p_ or -p_ >= skv):
+        raise invalid(f"{got} leave the band empty (with pre' < 0, next' must be >= |pre'| and |pre'| < Skv={skv})")
+    if n_ < 0 and (p_ < -n_ or -n_ >= sq):
+        raise invalid(f"{got} leave the band empty (with next' < 0, pre' must be >= |next'| and |next'| < Sq={sq})")
 
 
 _expected_cache: dict[tuple[int, str], Tensor] = {}
@@ -327,13 +327,13 @@ def build_problem(
     if band_mode:
         if mode == 0:
             for gq, gk in geoms:
-                _band_rule(pre, nxt, gq, gk, f"{nm['sparse_mode']}=0", nm)
+                _band_rule(pre, nxt, 0, gq, gk, f"{nm['sparse_mode']}=0", nm)
         elif mode == 4:
             for gq, gk in geoms:
-                _band_rule(pre - (gk - gq), nxt + (gk - gq), gq, gk, f"{nm['sparse_mode']}=4", nm)
+                _band_rule(pre, nxt, gk - gq, gq, gk, f"{nm['sparse_mode']}=4", nm)
         elif live:
             bb = live[-1] if mode == 7 else live[0]
-            _band_rule(pre - (bb.skv - bb.sq), nxt + (bb.skv - bb.sq), bb.sq, bb.skv,
+            _band_rule(pre, nxt, bb.skv - bb.sq, bb.sq, bb.skv,
                        f"{nm['sparse_mode']}={mode} (band batch {bb.index})", nm)
 
     prefix_l: list[int] | None = None
