@@ -16,12 +16,13 @@ _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
 
 def _mulhilo(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(hi, lo) 32-bit halves of m * x for 32-bit values held in int64, without overflow."""
-    xh, xl = x >> 16, x & 0xFFFF
-    ph, pl = m * xh, m * xl  # each < 2**48
-    hi = (ph + (pl >> 16)) >> 16
-    lo = (((ph & 0xFFFF) << 16) + pl) & _M32
-    return hi, lo
+    """(hi, lo) 32-bit halves of m * x for 32-bit values held in int64.
+
+    The unsigned 64-bit product's bits survive int64's two's-complement wrap-around, so the
+    halves are a shift and two masks away.
+    """
+    p = x * m
+    return (p >> 32) & _M32, p & _M32
 
 
 def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
@@ -35,14 +36,6 @@ def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
         hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return torch.stack((c0, c1, c2, c3), -1)
-
-
-def philox_words(seed: int, offset: int, f: Tensor) -> Tensor:
-    """Philox word for element indices ``f`` (int64): output[f % 4] of counter offset + f // 4."""
-    c = offset + (f >> 2)
-    zero = torch.zeros_like(c)
-    out = philox4x32_10(torch.stack((c & _M32, c >> 32, zero, zero), -1), (seed, seed >> 32))
-    return out.gather(-1, (f & 3).unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass(frozen=True)
