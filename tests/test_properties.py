@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("engine")
 PREFIX_MASK = compressed_prefix_mask()
 
 
-def draw_problem(data, allow_low_precision=True):
+def draw_problem(data, allow_low_precision=True, max_len=17, max_heads=2):
     d = data.draw
     layout = d(st.sampled_from(["BSH", "SBH", "BSND", "BNSD", "TND"]), label="layout")
     tnd = layout == "TND"
@@ -23,8 +23,8 @@ def draw_problem(data, allow_low_precision=True):
     if allow_low_precision:
         dtype = d(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16]),
                   label="dtype")
-    N2 = d(st.integers(1, 2), label="N2")
-    G = d(st.sampled_from([1, 2, 3]), label="G")
+    N2 = d(st.integers(1, max_heads), label="N2")
+    G = d(st.sampled_from([1, 2, 3][:max_heads + 1]), label="G")
     N1 = N2 * G
     D = d(st.integers(1, 12), label="D")
     Dv = d(st.integers(1, D), label="Dv")
@@ -35,9 +35,11 @@ def draw_problem(data, allow_low_precision=True):
     if tnd:
         B = d(st.integers(1, 3), label="B")
         lo = 1 if banded else 0
-        lq = d(st.lists(st.integers(lo, 9), min_size=B, max_size=B), label="lens_q")
-        lk = list(lq) if same_len else d(st.lists(st.integers(lo, 9), min_size=B, max_size=B),
-                                         label="lens_kv")
+        lq = d(st.lists(st.integers(lo, max(9, max_len // 2)), min_size=B, max_size=B),
+               label="lens_q")
+        lk = list(lq) if same_len else d(
+            st.lists(st.integers(lo, max(9, max_len // 2)), min_size=B, max_size=B),
+            label="lens_kv")
         if sum(lq) == 0:
             lq[0] = 1
         if sum(lk) == 0:
@@ -48,8 +50,8 @@ def draw_problem(data, allow_low_precision=True):
         B_eff = B
     else:
         B = d(st.integers(1, 3), label="B")
-        Sq = d(st.integers(1, 17), label="Sq")
-        Skv = Sq if same_len else d(st.integers(1, 17), label="Skv")
+        Sq = d(st.integers(1, max_len), label="Sq")
+        Skv = Sq if same_len else d(st.integers(1, max_len), label="Skv")
         shape = dict(B=B, Sq=Sq, Skv=Skv)
         pairs = [(Sq, Skv)]
         B_eff = B

@@ -30,6 +30,22 @@ def _plan(seg: Segment, bq: int, bk: int) -> list[list[tuple[int, int]]]:
     return [[(kb, kd) for kb, kd in enumerate(row) if kd != EMPTY] for row in kinds]
 
 
+def _runs(row: list[tuple[int, int]], bk: int, skv: int, max_blocks: int) -> list[tuple[int, int, bool]]:
+    """Merge adjacent key blocks of one kind into (j0, j1, partial) runs of at most max_blocks.
+
+    Planning at a fine bk wastes little work on masked pairs; running merged runs keeps the
+    number of tiles (and Python overhead) low.
+    """
+    runs: list[tuple[int, int, bool]] = []
+    for kb, kind in row:
+        j0, j1, partial = kb * bk, min((kb + 1) * bk, skv), kind != FULL
+        if runs and runs[-1][1] == j0 and runs[-1][2] == partial and (j1 - runs[-1][0]) <= max_blocks * bk:
+            runs[-1] = (runs[-1][0], j1, partial)
+        else:
+            runs.append((j0, j1, partial))
+    return runs
+
+
 class _Tiles:
     """The segment's operands regrouped for batched tiles: [B*N2, G, S, D] and K^T."""
 
@@ -94,6 +110,7 @@ def forward(seg: Segment, prob: Problem) -> tuple[Tensor, Tensor, Tensor]:
     m_out = torch.empty(t.b, t.n1, t.sq, dtype=ct, device=dev)
     l_out = torch.empty_like(m_out)
     plan = _plan(seg, bq, bk)
+    max_blocks = kernels.max_run_blocks(t.b * t.n1 * bq, bk, ct)
     sink = prob.sink.to(ct).view(1, t.n2, t.g, 1) if prob.sink is not None else None
     for qb, row in enumerate(plan):
         i0, i1 = qb * bq, min((qb + 1) * bq, t.sq)
@@ -102,9 +119,8 @@ def forward(seg: Segment, prob: Problem) -> tuple[Tensor, Tensor, Tensor]:
         acc = torch.zeros(bn, rows, dv, dtype=ct, device=dev)
         m = torch.full((bn, rows), float("-inf"), dtype=ct, device=dev)
         l = torch.zeros(bn, rows, dtype=ct, device=dev)
-        for kb, kind in row:
-            j0, j1 = kb * bk, min((kb + 1) * bk, t.skv)
-            s = t.logits(qt, i0, i1, j0, j1, kind != FULL, ct)
+        for j0, j1, partial in _runs(row, bk, t.skv, max_blocks):
+            s = t.logits(qt, i0, i1, j0, j1, partial, ct)
             m_new = torch.maximum(m, s.amax(-1))
             m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
             s.sub_(m_use.unsqueeze(-1)).exp_()

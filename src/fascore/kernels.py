@@ -18,6 +18,7 @@ config: dict = {
     "tiles": None,  # (bq, bk) to force tile sizes
     "fused_backward": True,  # allow PyTorch's fused CPU flash backward where it applies
     "matmul_dtype": None,  # force the matmul operand dtype for fp16/bf16 inputs
+    "tile_bytes": 8 << 20,  # target size of one forward logits tile (merged key blocks)
 }
 
 
@@ -61,7 +62,13 @@ def tile_sizes(device: torch.device, dtype: torch.dtype, d: int, backward: bool 
         return config["tiles"]
     if backward:
         return (256, 256)
-    return (256, 512)
+    return (256, 128)
+
+
+def max_run_blocks(rows: int, bk: int, ct: torch.dtype) -> int:
+    """Key blocks merged into one forward tile: the logits tile stays near ``config['tile_bytes']``."""
+    item = torch.finfo(ct).bits // 8
+    return max(1, config["tile_bytes"] // (rows * bk * item))
 
 
 def use_fused_backward(seg: Segment, prob: Problem, need_dpse: bool) -> bool:
