@@ -11,7 +11,8 @@ import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from oracle import FLT_MAX, attention_oracle, compressed_causal_mask  # noqa: E402
+from oracle import (FLT_MAX, attention_oracle, compressed_causal_mask,  # noqa: E402
+                    compressed_prefix_mask)
 
 CAUSAL_MASK = compressed_causal_mask()
 
@@ -325,3 +326,47 @@ def causal_slopes(N, seed=0):
     g = gen(seed)
     return (torch.rand(N, generator=g) * 0.5 + 0.05).to(torch.float32)
 
+
+# ----------------------------------------------------------------------------------------------
+# several tiles: sizes beyond typical block sizes (256 / 512), N = 1 to stay cheap
+# ----------------------------------------------------------------------------------------------
+def _blocky_mask(Sq, Skv, seed):
+    m = random_mask((Sq, Skv), 0.1, seed)
+    m[: Sq // 2, Skv // 3: 2 * Skv // 3] = True  # whole tiles masked out
+    m[Sq - 3:, :] = True  # fully masked rows at the end
+    return m
+
+
+MULTI_BLOCK = {
+    "mode0_band_mask": (dict(layout="BSND", Sq=300, Skv=1100),
+                        dict(atten_mask="blocky", pre_tokens=200, next_tokens=-50)),
+    "mode1_blocky": (dict(layout="BNSD", Sq=600, Skv=1030), dict(atten_mask="blocky",
+                                                                  sparse_mode=1)),
+    "mode3_sink_dropout": (dict(layout="BSH", Sq=700, Skv=530),
+                           dict(atten_mask=CAUSAL_MASK, sparse_mode=3, sink=True, keep_prob=0.9,
+                                seed=77)),
+    "mode4_fp16": (dict(layout="SBH", Sq=777, Skv=777, dtype=torch.float16),
+                   dict(atten_mask=CAUSAL_MASK, sparse_mode=4, pre_tokens=300, next_tokens=10)),
+    "mode6": (dict(layout="BSND", Sq=520, Skv=1030), dict(atten_mask=compressed_prefix_mask(), sparse_mode=6,
+                                                          prefix=[700])),
+    "tnd_mode3": (dict(layout="TND", seqlens_q=[300, 0, 650], seqlens_kv=[700, 20, 600]),
+                  dict(atten_mask=CAUSAL_MASK, sparse_mode=3)),
+    "tnd_mode8_alibi": (dict(layout="TND", seqlens_q=[520, 300], seqlens_kv=[520, 300]),
+                        dict(atten_mask=CAUSAL_MASK, sparse_mode=8, pre_tokens=100, next_tokens=30,
+                             pse="slopes", pse_type=2, q_start_idx=[5], kv_start_idx=[2],
+                             softmax_layout="TND")),
+}
+
+
+def multi_block_case(name):
+    shape, kw = MULTI_BLOCK[name]
+    shape, kw = dict(shape), dict(kw)
+    layout = shape.pop("layout")
+    inp = make_qkv(layout, B=1, N1=1, D=8, seed=47, **shape)
+    if kw.get("atten_mask") == "blocky":
+        kw["atten_mask"] = _blocky_mask(shape["Sq"], shape["Skv"], 47)
+    if kw.get("sink") is True:
+        kw["sink"] = torch.tensor([1.5])
+    if kw.get("pse") == "slopes":
+        kw["pse"] = torch.tensor([0.01])
+    return inp, kw

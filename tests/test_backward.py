@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import (CAUSAL_MASK, call_forward, check_grads, gen, lib_autograd, make_qkv,
+                      multi_block_case,
                       oracle_grads, random_mask, randn)
 from oracle import attention_oracle, compressed_prefix_mask
 
@@ -192,6 +193,13 @@ def test_invalid_rows_zero_gradients():
     res, g, _ = check_grads(inp, ["query", "key", "value"], scale=0.5, atten_mask=CAUSAL,
                             sparse_mode=3)
     assert (g["query"][:, :, :3] == 0).all()  # rows 0..2 see nothing (d = -3)
+
+
+@pytest.mark.parametrize("name", ["mode1_blocky", "mode3_sink_dropout", "tnd_mode8_alibi"])
+def test_multi_block_gradients(name):
+    inp, kw = multi_block_case(name)
+    wrt = ["query", "key", "value"] + (["sink"] if "sink" in kw else [])
+    check_grads(inp, wrt, scale=0.35, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

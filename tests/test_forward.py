@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (assert_within_rule, band_ok, call_forward, causal_slopes, check_forward,
+from conftest import (MULTI_BLOCK, assert_within_rule, multi_block_case, band_ok, call_forward, causal_slopes, check_forward,
                       gen, make_qkv, random_mask, randn)
 from oracle import (FLT_MAX, attention_oracle, compressed_causal_mask, compressed_prefix_mask,
                     oracle_numels)
@@ -416,6 +416,27 @@ def test_tnd_compressed_pse(pse_type, mode):
     check_forward(inp, scale=0.4, pse=pse, pse_type=pse_type, **kw)
     pse_b = randn((4, 2, 1024, 6), torch.float32, gen(35))
     check_forward(inp, scale=0.4, pse=pse_b, pse_type=pse_type, **kw)
+
+
+def test_tnd_batch_without_keys_full_mask():
+    """A batch with Sq_b > 0 and Skv_b = 0: its rows are invalid (nothing takes part), also with
+    a full mask (mode 0/1)."""
+    q, k = randn((3, 1, 2), torch.float32, gen(45)), randn((4, 1, 2), torch.float32, gen(46))
+    inp = dict(query=q, key=k, value=k, head_num=1, input_layout="TND",
+               actual_seq_qlen=[1, 3, 3], actual_seq_kvlen=[0, 2, 4])
+    check_forward(inp)
+    check_forward(inp, sparse_mode=1, atten_mask=torch.zeros(2, 2, dtype=torch.bool))
+    check_forward(inp, sparse_mode=0, atten_mask=torch.zeros(3, 4, dtype=torch.bool),
+                  pre_tokens=1, next_tokens=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# several tiles: sizes beyond typical block sizes (256 / 512), N = 1 to stay cheap
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MULTI_BLOCK))
+def test_multi_block(name):
+    inp, kw = multi_block_case(name)
+    check_forward(inp, scale=0.35, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

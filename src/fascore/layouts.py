@@ -56,18 +56,9 @@ def tnd_rows(x: Tensor, start: int, length: int) -> Tensor:
     return x[start:start + length].permute(1, 0, 2).unsqueeze(0)
 
 
-def stats_to_layout(stat: Tensor, layout: str) -> Tensor:
-    """[B, N1, Sq] float32 row statistic -> [B, N1, Sq, 8] (non-TND)."""
-    return stat.unsqueeze(-1).expand(*stat.shape, 8).contiguous()
-
-
 def tnd_stats_view(buf: Tensor, batch: Batch, n1: int, softmax_layout: str) -> Tensor:
     """The [N1, Sq_b, 8] part of a TND statistics tensor [T1, N1, 8] that holds ``batch``."""
     if softmax_layout == "TND":
         return buf[batch.q0:batch.q0 + batch.sq].permute(1, 0, 2)
     start = n1 * 8 * batch.q0
     return buf.view(-1)[start:start + n1 * batch.sq * 8].view(n1, batch.sq, 8)
-
-
-def empty_like_stats(shape: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.zeros(shape, dtype=torch.float32, device=device)

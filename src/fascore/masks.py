@@ -30,13 +30,6 @@ class MaskSpec:
     prefix: tuple[int, ...] | None = None  # per batch: j < prefix[b] also takes part
     explicit: Tensor | None = None  # bool/uint8 [Bm, Nm, Sq, Skv], nonzero = masked out
 
-    @property
-    def is_dense(self) -> bool:
-        """True when every (i, j) takes part."""
-        return (self.explicit is None and self.lo <= -(self.sq - 1) and self.hi >= self.skv - 1) or (
-            self.explicit is None and self.prefix is not None and min(self.prefix) >= self.skv
-        )
-
     def tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
         """Boolean take-part tile broadcastable to [B, N1, i1-i0, j1-j0]; None if all take part."""
         allowed = None
@@ -69,6 +62,8 @@ def plan_blocks(mask: MaskSpec, bq: int, bk: int, device: torch.device) -> Tenso
     A tile is FULL only if every (b, n, i, j) in it takes part, EMPTY only if none does.
     """
     nq, nk = -(-mask.sq // bq), -(-mask.skv // bk)
+    if nq == 0 or nk == 0:
+        return torch.empty(nq, nk, dtype=torch.int8, device=device)
     i0 = torch.arange(nq, device=device)[:, None] * bq
     i1 = torch.clamp(i0 + bq, max=mask.sq)
     j0 = torch.arange(nk, device=device)[None, :] * bk
