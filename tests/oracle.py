@@ -321,8 +321,10 @@ def attention_oracle(query, key, value, head_num, input_layout, *, dtype=torch.f
         qb = [qpart(query, bq[0], bq[1]) for bq in batches]
         kb = [qpart(key, bq[2], bq[3]) for bq in batches]
         vb = [qpart(value, bq[2], bq[3]) for bq in batches]
-        qrb = [qpart(query_rope, bq[0], bq[1]) for bq in batches] if query_rope is not None else None
-        krb = [qpart(key_rope, bq[2], bq[3]) for bq in batches] if key_rope is not None else None
+        qrb = krb = None
+        if query_rope is not None:
+            qrb = [qpart(query_rope, bq[0], bq[1]) for bq in batches]
+            krb = [qpart(key_rope, bq[2], bq[3]) for bq in batches]
         N2 = key.shape[1]
         Dv = value.shape[-1]
     else:

@@ -77,7 +77,9 @@ def test_gradcheck_qkv(case):
     inp = make_qkv(shape.pop("layout"), dtype=torch.float64, seed=1, **shape)
     names = ["query", "key", "value"] + (["query_rope", "key_rope"] if "Dr" in shape else [])
     args = [inp[n].detach().clone().requires_grad_(True) for n in names]
-    assert torch.autograd.gradcheck(fwd_fn(inp, names, scale=0.7, **kw), args)
+    # fast_mode (random projections of the Jacobian) for the larger TND case keeps this cheap
+    assert torch.autograd.gradcheck(fwd_fn(inp, names, scale=0.7, **kw), args,
+                                    fast_mode=case == "tnd")
 
 
 @pytest.mark.parametrize("pse_type", [0, 1])
@@ -89,7 +91,8 @@ def test_gradcheck_pse(pse_type, pse_shape):
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     fn = fwd_fn(inp, ["query", "pse"], scale=0.6, pse_type=pse_type, atten_mask=mask,
                 sparse_mode=1)
-    assert torch.autograd.gradcheck(fn, args)
+    # the full Jacobian for the smallest (fully broadcast) pse, random projections otherwise
+    assert torch.autograd.gradcheck(fn, args, fast_mode=pse_shape != (1, 2, 1, 4))
 
 
 @pytest.mark.parametrize("mode", [1, 3])

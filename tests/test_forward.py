@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import (MULTI_BLOCK, assert_within_rule, multi_block_case, band_ok, call_forward, causal_slopes, check_forward,
-                      gen, make_qkv, random_mask, randn)
+from conftest import (MULTI_BLOCK, assert_within_rule, band_ok, call_forward, causal_slopes,
+                      check_forward, gen, make_qkv, multi_block_case, random_mask, randn)
 from oracle import (FLT_MAX, attention_oracle, compressed_causal_mask, compressed_prefix_mask,
                     oracle_numels)
 

@@ -14,6 +14,8 @@ from .errors import (
     FlashAttentionError,
 )
 from . import aclnn  # noqa: E402  (after the API it wraps)
+from .ring import ring_attention_update  # noqa: E402
+from . import distributed  # noqa: E402  (torch.distributed is imported by torch already)
 
 __all__ = [
     "npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_grad",
@@ -21,4 +23,5 @@ __all__ = [
     "current_engine_name", "register_engine", "set_default_engine", "ACLNN_SUCCESS",
     "ACLNN_ERR_PARAM_NULLPTR", "ACLNN_ERR_PARAM_INVALID", "ACLNN_ERR_RUNTIME_ERROR",
 ]
+__all__ += ["ring_attention_update", "distributed"]
 __version__ = "0.1.0"

@@ -177,6 +177,8 @@ class _FusionAttention(torch.autograd.Function):
 
 def _attention(query: Any, key: Any, value: Any, head_num: Any, input_layout: Any, names: Names,
                **kw: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
+    if _ops.use_ops(query):  # torch.compile / fake tensors: the custom ops (ops.py)
+        return _ops.attention(query, key, value, head_num, input_layout, "v1" if names is _V1_NAMES else "v2", **kw)
     prob = build_problem(query, key, value, head_num, input_layout, names=names, **kw)
     pse, sink = kw.get("pse"), kw.get("sink")
     qr, kr = kw.get("query_rope"), kw.get("key_rope")
@@ -204,13 +206,97 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
                          offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
     """FlashAttentionScore, torch_npu's v1 signature (pse_type is 1).
 
+    Shapes (N1 = ``head_num`` query heads, N2 kv heads with N1 % N2 == 0, G = N1 // N2)::
+
+        input_layout   query           key / value                     attention_out
+        BSH            [B, Sq, N1*D]   [B, Skv, N2*D] / [B, Skv, N2*Dv]  [B, Sq, N1*Dv]
+        SBH            [Sq, B, N1*D]   [Skv, B, N2*D] / [Skv, B, N2*Dv]  [Sq, B, N1*Dv]
+        BSND           [B, Sq, N1, D]  [B, Skv, N2, D] / [..., Dv]       [B, Sq, N1, Dv]
+        BNSD           [B, N1, Sq, D]  [B, N2, Skv, D] / [..., Dv]       [B, N1, Sq, Dv]
+        TND (varlen)   [T1, N1, D]     [T2, N2, D] / [T2, N2, Dv]        [T1, N1, Dv]
+
+    TND needs ``actual_seq_qlen`` / ``actual_seq_kvlen``: cumulative end offsets per batch
+    (lengths 2, 3 -> [2, 5]). Dtypes float16 / bfloat16 / float32 (float64 accepted).
+
     Returns ``(attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels)``:
-    attention_out in ``input_layout`` with query's dtype and Dv; softmax_max/sum float32
-    [B, N1, Sq, 8] (TND: [T1, N1, 8]); softmax_out an empty tensor. Per batch b and query head n
-    (kv head n // G): L = (Q K^T + pse) * scale, masked by ``sparse_mode``/``atten_mask``/
-    ``pre_tockens``/``next_tockens``/``prefix``, P = softmax(L) (with ``sink`` joining the
-    normalisation), out = (P * Z / keep_prob) V. See SPEC.md and README for every rule.
-    Differentiable w.r.t. query, key, value, pse and sink. Raises ``FlashAttentionError``.
+    attention_out in ``input_layout`` with query's dtype; softmax_max / softmax_sum float32
+    [B, N1, Sq, 8] (TND: [T1, N1, 8]; the 8 entries are copies); softmax_out an empty tensor;
+    seed / offset / numels Python ints (the dropout mask's Philox seed and offset, and its size
+    B*N1*Sq*Skv).
+
+    Formula, per batch b and query head n (kv head n // G), float32 accumulation::
+
+        L = (Q K^T + pse) * scale            (v2: pse_type 0 is Q K^T * scale + pse, 2/3 ALiBi)
+        L[i, j] = -inf where (i, j) does not take part (sparse_mode, below)
+        m_i = max_j L[i, j]    l_i = sum_j exp(L[i, j] - m_i)    (a ``sink`` logit joins both)
+        out = (exp(L - m) / l * Z / keep_prob) V      Z: dropout keep mask (keep_prob < 1)
+        softmax_max = m, softmax_sum = l; a row where nothing takes part gives out 0,
+        softmax_max -FLT_MAX, softmax_sum +FLT_MAX.
+
+    Which (i, j) take part, by ``sparse_mode`` (``atten_mask``: True/1 = masked out; without
+    ``atten_mask`` nothing is masked in any mode). d = Skv - Sq. Pictures for Sq = 4, Skv = 6
+    (d = 2), row i = query, column j = key, ``#`` takes part, ``.`` masked out::
+
+        sparse_mode=0 defaultMask: mask[i, j] == 0 and -pre <= j - i <= next
+                      (atten_mask all zeros, pre_tockens=1, next_tockens=2)
+            ###...
+            ####..
+            .####.
+            ..####
+        sparse_mode=1 allMask: mask[i, j] == 0, pre/next ignored
+                      (atten_mask[i, j] = (i + 2j) % 5 == 0)
+            .####.
+            ##.###
+            ####.#
+            #.####
+        sparse_mode=2 leftUpCausal: j <= i (compressed [2048, 2048] mask)
+            #.....
+            ##....
+            ###...
+            ####..
+        sparse_mode=3 rightDownCausal: j <= i + d (compressed mask)
+            ###...
+            ####..
+            #####.
+            ######
+        sparse_mode=4 band: -pre <= j - i - d <= next (compressed mask; pre_tockens=1, next_tockens=0)
+            .##...
+            ..##..
+            ...##.
+            ....##
+        sparse_mode=5 prefix: mask[i, j] == 0 and (j <= i + d or j < prefix[b])
+                      (full [B, 1, Sq, Skv] mask, here all zeros; prefix=[4])
+            ####..
+            ####..
+            #####.
+            ######
+        sparse_mode=6 prefix, compressed [3072, 2048] mask: j <= i + d or j < prefix[b] (prefix=[4])
+            ####..
+            ####..
+            #####.
+            ######
+
+    TND only, two batches (Sq_b, Skv_b) = (2, 3), (3, 4), i.e. actual_seq_qlen=[2, 5],
+    actual_seq_kvlen=[3, 7], drawn on the [T1, T2] = [5, 7] grid (blank: another batch)::
+
+        sparse_mode=7 (varlen mode 3; the last batch is a band, mode 4, pre_tockens=1, next_tockens=0)
+            ##.
+            ###
+               ##..
+               .##.
+               ..##
+        sparse_mode=8 (varlen mode 2; the first batch is a band, mode 4, pre_tockens=1, next_tockens=0)
+            ##.
+            .##
+               #...
+               ##..
+               ###.
+
+    Differentiable w.r.t. query, key, value, pse and sink (autograd calls the grad op with the
+    forward's outputs). Raises ``FlashAttentionError`` (``.status`` = aclnn code) naming the
+    parameter, value and rule. Under torch.compile / fake tensors it runs as the custom op
+    ``torch.ops.fascore.npu_fusion_attention`` (see ``fascore.ops``). SPEC.md and the README have
+    every rule and every [fascore] decision.
     """
     return _attention(query, key, value, head_num, input_layout, _V1_NAMES, pse=pse,
                       padding_mask=padding_mask, atten_mask=atten_mask, scale=scale, keep_prob=keep_prob,
@@ -232,9 +318,21 @@ def npu_fusion_attention_v2(query: Tensor, key: Tensor, value: Tensor, head_num:
                             softmax_layout: str = "", sink: Tensor | None = None,
                             dropout_mask: Tensor | None = None, seed: int = 0,
                             offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int, int]:
-    """FlashAttentionScore, torch_npu's v2 signature: v1 plus ``pse_type`` (0: S*scale + pse,
-    1: (S + pse)*scale, 2/3: in-kernel ALiBi from slopes with ``q_start_idx``/``kv_start_idx``)
-    and ``query_rope``/``key_rope`` (S = Q K^T + Qr Kr^T). Same 7-tuple as ``npu_fusion_attention``.
+    """FlashAttentionScore, torch_npu's v2 signature: v1 plus ``pse_type``, ``q_start_idx`` /
+    ``kv_start_idx`` and ``query_rope`` / ``key_rope``. Same 7-tuple, shapes, mask pictures and
+    rules as ``npu_fusion_attention`` (see its docstring); keywords after ``input_layout`` only,
+    spelled ``pre_tokens`` / ``next_tokens``.
+
+    pse_type (``pse``'s meaning)::
+
+        0   L = Q K^T * scale + pse             pse: [B|1, N1, Sq|1, Skv] in query's dtype
+        1   L = (Q K^T + pse) * scale           (default, as v1)
+        2   L = Q K^T * scale - slope[b, n] * |(j + kv_start) - (i + q_start)|
+        3   L = Q K^T * scale - slope[b, n] * sqrt(|(j + kv_start) - (i + q_start)|)
+
+    For 2/3 ``pse`` holds float32 ALiBi slopes [B, N1] or [N1] (needs Sq == Skv). With
+    ``query_rope`` / ``key_rope`` (both or neither; query's / key's layout with their own head
+    dim Dr): Q K^T becomes Q K^T + Qr Kr^T.
     """
     return _attention(query, key, value, head_num, input_layout, Names(), pse=pse,
                       padding_mask=padding_mask, atten_mask=atten_mask, query_rope=query_rope,
@@ -248,6 +346,10 @@ def npu_fusion_attention_v2(query: Tensor, key: Tensor, value: Tensor, head_num:
 
 def _grad(query: Any, key: Any, value: Any, dy: Any, head_num: Any, input_layout: Any, names: Names,
           softmax_max: Any, softmax_sum: Any, attention_in: Any, numels: Any, **kw: Any) -> tuple:
+    if _ops.use_ops(query):  # torch.compile / fake tensors: the custom ops (ops.py)
+        return _ops.grad(query, key, value, dy, head_num, input_layout,
+                         "grad_v1" if names is _GRAD_V1_NAMES else "grad_v2", softmax_max, softmax_sum,
+                         attention_in, numels, **kw)
     prob = build_problem(query, key, value, head_num, input_layout, names=names, draw_missing_seed=False, **kw)
     _check_grad_inputs(prob, dy, attention_in, softmax_max, softmax_sum, names)
     if isinstance(numels, bool) or not isinstance(numels, int) or (numels != 0 and numels != prob.numels):
@@ -311,3 +413,6 @@ def npu_fusion_attention_grad_v2(query: Tensor, key: Tensor, value: Tensor, dy: 
     if query_rope is not None:
         return dq, dk, dv, dpse, dsink, dqr, dkr
     return dq, dk, dv, dpse, dsink
+
+
+from . import ops as _ops  # noqa: E402  (registers the custom ops; imports this module)

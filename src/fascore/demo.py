@@ -1,6 +1,7 @@
-"""``make demo``: the operator in its main modes, timed, each checked against the float64 reference.
+"""``make demo`` / ``fascore demo``: the operator in its main modes, timed, each checked against
+the float64 reference.
 
-    python -m fascore.demo
+    python -m fascore.demo      # or: fascore demo
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 PREFIX_MASK = torch.cat([COMPRESSED, torch.cat([torch.zeros(1024, 1024), torch.ones(1024, 1024)], 1).bool()])
 
 
-def _cases() -> list[tuple[str, tuple, dict[str, Any]]]:
+def cases() -> list[tuple[str, tuple, dict[str, Any]]]:
+    """(name, (q, k, v, head_num, layout), keywords) of each mode the demo runs."""
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape: int) -> torch.Tensor:
@@ -43,31 +45,40 @@ def _cases() -> list[tuple[str, tuple, dict[str, Any]]]:
     ]
 
 
+def run_case(name: str, args: tuple, kw: dict[str, Any]) -> dict[str, Any]:
+    """Time one mode (forward; forward + backward) and check its output against the reference."""
+    q, k, v, n, layout = args
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
+    t1 = time.perf_counter()
+    o = fascore.npu_fusion_attention_v2(qg, kg, vg, n, layout, scale=0.125, **kw)[0]
+    o.backward(torch.ones_like(o))
+    t2 = time.perf_counter()
+    with fascore.use_engine("reference"):
+        ref = fascore.npu_fusion_attention_v2(q.double(), k.double(), v.double(), n, layout, scale=0.125, **kw)[0]
+        naive = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
+    err = (out.double() - ref).abs().max().item()
+    tol = 2 * (naive.double() - ref).abs().max().item() + 1e-5
+    return dict(mode=name, shape=f"{list(q.shape)} {layout}", fwd_ms=1e3 * (t1 - t0), fwdbwd_ms=1e3 * (t2 - t1),
+                err=err, tol=tol, ok=err <= tol)
+
+
+def header() -> str:
+    return (f"fascore {fascore.__version__} on torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"engine {fascore.current_engine_name()!r}")
+
+
 def main() -> int:
-    print(f"fascore {fascore.__version__} on torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"engine {fascore.current_engine_name()!r}")
+    print(header())
     print(f"{'mode':40s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'max |out - ref64|':>18s}  check")
     ok = True
-    for name, args, kw in _cases():
-        q, k, v, n, layout = args
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
-        t1 = time.perf_counter()
-        o = fascore.npu_fusion_attention_v2(qg, kg, vg, n, layout, scale=0.125, **kw)[0]
-        o.backward(torch.ones_like(o))
-        t2 = time.perf_counter()
-        with fascore.use_engine("reference"):
-            ref = fascore.npu_fusion_attention_v2(q.double(), k.double(), v.double(), n, layout, scale=0.125,
-                                                  **kw)[0]
-            naive = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
-        err = (out.double() - ref).abs().max().item()
-        tol = 2 * (naive.double() - ref).abs().max().item() + 1e-5
-        good = err <= tol
-        ok &= good
-        print(f"{name:40s} {1e3 * (t1 - t0):8.1f} {1e3 * (t2 - t1):10.1f} {err:18.2e}  "
-              f"{'ok' if good else 'FAIL'} (tol {tol:.1e})")
+    for name, args, kw in cases():
+        r = run_case(name, args, kw)
+        ok &= r["ok"]
+        print(f"{name:40s} {r['fwd_ms']:8.1f} {r['fwdbwd_ms']:10.1f} {r['err']:18.2e}  "
+              f"{'ok' if r['ok'] else 'FAIL'} (tol {r['tol']:.1e})")
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import band, kernels
 from .masks import EMPTY, FULL, MaskSpec, plan_blocks
 from .problem import Problem, Segment
-from .reference import FLT_MAX, default_compute_dtype
+from .reference import default_compute_dtype
+from .rows import finalize
+from .rows import lse as row_lse
 
 
 def _plan(seg: Segment, bq: int, bk: int) -> list[list[tuple[int, int]]]:
@@ -103,6 +105,9 @@ def forward(seg: Segment, prob: Problem) -> tuple[Tensor, Tensor, Tensor]:
     ct = default_compute_dtype(prob.dtype)
     mm = kernels.matmul_dtype(seg.q.device, prob.dtype)
     bq, bk = kernels.tile_sizes(seg.q.device, prob.dtype, seg.q.shape[-1])
+    win = band.window(seg, kernels.BAND_BQ) if kernels.config["band"] else None
+    if win is not None:
+        return band.forward(seg, prob, mm, ct, kernels.BAND_BQ, *win, kernels.config["tile_bytes"])
     t = _Tiles(seg, prob, mm)
     dev = seg.q.device
     bn, dv = t.b * t.n2, seg.v.shape[-1]
@@ -135,39 +140,26 @@ def forward(seg: Segment, prob: Problem) -> tuple[Tensor, Tensor, Tensor]:
             else:
                 acc.add_(torch.bmm(s.to(mm), t.v[:, j0:j1]))
             m = m_new
-        # Finalise rows: sink, invalid rows (nothing took part), normalisation.
         m4, l4, acc4 = (x.view(t.b, t.n2, t.g, i1 - i0, *x.shape[2:]) for x in (m, l, acc))
-        valid = m4 != float("-inf")
-        if sink is not None:
-            m_fin = torch.maximum(m4, sink)
-            a = torch.exp(m4 - m_fin)
-            l4 = l4 * a + torch.exp(sink - m_fin)
-            acc4 = acc4 * a.unsqueeze(-1)
-            m4 = m_fin
-        else:
-            m4 = torch.where(valid, m4, torch.full_like(m4, -FLT_MAX))
-            l4 = torch.where(valid, l4, torch.full_like(l4, FLT_MAX))
-        o4 = (acc4 / l4.unsqueeze(-1)).masked_fill_(~valid.unsqueeze(-1), 0.0)
+        o4, m4, l4 = finalize(m4, l4, acc4, sink)
         out[:, :, i0:i1] = o4.reshape(t.b, t.n1, i1 - i0, dv)
         m_out[:, :, i0:i1] = m4.reshape(t.b, t.n1, i1 - i0)
         l_out[:, :, i0:i1] = l4.reshape(t.b, t.n1, i1 - i0)
     return out, m_out, l_out
 
 
-def _lse(m: Tensor, l: Tensor) -> Tensor:
-    """log-sum-exp from the statistics; +inf on invalid rows so that P = exp(L - lse) = 0 there."""
-    lse = m + torch.log(l)
-    return lse.masked_fill_(m == -FLT_MAX, float("inf"))
-
-
 def backward(seg: Segment, prob: Problem, dy: Tensor, out: Tensor, m: Tensor, l: Tensor,
              dpse: Tensor | None, dsink: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     ct = default_compute_dtype(prob.dtype)
-    lse = _lse(m.to(ct), l.to(ct))
+    lse = row_lse(m.to(ct), l.to(ct))
     r = (dy.to(ct) * out.to(ct)).sum(-1)  # [B, N1, Sq]
     if dsink is not None and prob.sink is not None:
         p_sink = torch.exp(prob.sink.to(ct)[None, :, None] - lse)
         dsink += (-(p_sink * r)).sum((0, 2)).to(dsink.dtype)
+    win = band.window(seg, kernels.BAND_BQ) if kernels.config["band"] else None
+    if win is not None:
+        mm = kernels.matmul_dtype(seg.q.device, prob.dtype)
+        return band.backward(seg, prob, dy, lse, r, mm, ct, kernels.BAND_BQ, *win, kernels.config["tile_bytes"])
     if kernels.use_fused_backward(seg, prob, dpse is not None):
         return _backward_fused(seg, prob, dy, out, lse, ct)
     return _backward_tiled(seg, prob, dy, lse, r, dpse, ct)

@@ -19,7 +19,9 @@ config: dict = {
     "fused_backward": True,  # allow PyTorch's fused CPU flash backward where it applies
     "matmul_dtype": None,  # force the matmul operand dtype for fp16/bf16 inputs
     "tile_bytes": 8 << 20,  # target size of one forward logits tile (merged key blocks)
+    "band": True,  # narrow bands through band.py's batched key windows
 }
+BAND_BQ = 64  # query rows per block on the band path (window waste ~ (BAND_BQ + band) / band)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from .problem import Problem, Segment
-
-FLT_MAX = 3.4028234663852886e38
+from .rows import FLT_MAX
 
 
 def default_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -44,12 +44,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _int(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
+def _readable(value: Tensor, name: str) -> Tensor:
+    """A tensor whose data can be read: strided (dense) and not on the data-less meta device."""
+    if value.layout != torch.strided:
+        raise invalid(f"{name} has layout {value.layout}: must be a dense (strided) tensor")
+    if value.device.type == "meta":
+        raise invalid(f"{name} is on the meta device: tensors must hold data (cpu or cuda)")
+    return value
+
+
+def _int(value: Any, name: str, lo: int | None = None, hi: int | None = None, any_size: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point and value.dtype != torch.bool:
-            value = int(value.item())
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
+                and not value.dtype.is_complex and value.dtype != torch.bool:
+            value = int(_readable(value, name).item())
         else:
             raise invalid(f"{name}={_short(value)}: must be an integer")
+    if not any_size and not -(2**64) < value < 2**64:  # (and too long to print)
+        raise invalid(f"{name}: an integer of {value.bit_length()} bits is out of range")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise invalid(f"{name}={value}: must be in [{lo}, {hi}]")
     return value
@@ -58,14 +70,17 @@ def _int(value: Any, name: str, lo: int | None = None, hi: int | None = None) ->
 def _real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(f"{name}={_short(value)}: must be a real number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise invalid(f"{name}: an integer of {value.bit_length()} bits is out of range") from None
 
 
 def _int_list(value: Any, name: str) -> list[int]:
     if isinstance(value, Tensor):
-        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise invalid(f"{name}={_short(value)}: must be a 1-D integer tensor or a list of ints")
-        return [int(x) for x in value.tolist()]
+        return [int(x) for x in _readable(value, name).tolist()]
     if not isinstance(value, (list, tuple)):
         raise invalid(f"{name}={_short(value)}: must be a list of ints")
     return [_int(x, name) for x in value]
@@ -76,7 +91,7 @@ def _tensor(value: Any, name: str, device: torch.device) -> Tensor:
         raise invalid(f"{name}={_short(value)}: must be a torch.Tensor")
     if value.device != device:
         raise invalid(f"{name} is on {value.device} but query is on {device}: all tensors must share one device")
-    return value
+    return _readable(value, name)
 
 
 def _band_rule(pre: int, nxt: int, shift: int, sq: int, skv: int, what: str, names: Names) -> None:
@@ -159,6 +174,7 @@ def build_problem(
         if not isinstance(t, Tensor):
             raise invalid(f"{nm[n_]}={_short(t)}: must be a torch.Tensor")
     device = query.device
+    _readable(query, nm["query"])
     for n_, t in (("key", key), ("value", value)):
         _tensor(t, nm[n_], device)
     if query.dtype not in DTYPES:
@@ -249,9 +265,10 @@ def build_problem(
 
     # Scalars.
     scale_f = _real(scale, nm["scale"])
-    if not math.isfinite(scale_f):
-        raise invalid(f"{nm['scale']}={scale_f}: must be finite")
-    scale_f = float(torch.tensor(scale_f, dtype=torch.float32))
+    scale32 = float(torch.tensor(scale_f, dtype=torch.float32))  # the kernel's float32 scale
+    if not math.isfinite(scale32):
+        raise invalid(f"{nm['scale']}={scale_f}: must be finite as a float32 (|scale| <= 3.4028235e38)")
+    scale_f = scale32
     kp = _real(keep_prob, nm["keep_prob"])
     if not 0.0 < kp <= 1.0:  # also rejects NaN
         raise invalid(f"{nm['keep_prob']}={kp}: must be in (0, 1]")
@@ -272,7 +289,7 @@ def build_problem(
         raise invalid(f"{nm['softmax_layout']}='TND' needs {nm['input_layout']}='TND', got {layout!r}")
     if padding_mask is not None:
         raise invalid(f"{nm['padding_mask']}={_short(padding_mask)}: reserved, must be None")
-    seed_i = _int(seed, nm["seed"])
+    seed_i = _int(seed, nm["seed"], any_size=True)  # Philox reads seed mod 2**64
     off_i = _int(offset, nm["offset"], 0, 2**63 - 1)
 
     # TND batches.

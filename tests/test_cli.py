@@ -1,0 +1,245 @@
+"""The ``fascore`` command line (check / bench / demo / run / info) and the docstring pictures."""
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import fascore
+from fascore import bench, check, reference
+from fascore.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# fascore check
+# ----------------------------------------------------------------------------------------------
+def test_check_quick_passes():
+    """What CI runs: the quick conformance run passes, with its feature table."""
+    r = invoke("check", "--quick")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"all \d+ cases passed", r.output), r.output
+    for feature in ("layout BSH", "layout SBH", "layout BSND", "layout BNSD", "layout TND", "sparse_mode 0",
+                    "sparse_mode 5", "sparse_mode 8", "pse_type 0", "pse_type 2", "pse_type 3", "dtype fp16",
+                    "dtype bf16", "dropout Philox", "dropout explicit mask", "GQA/MQA", "sink", "rope",
+                    "backward", "errors (status codes)"):
+        assert feature in r.output, f"{feature!r} missing from the table"
+    assert "FAIL" not in r.output
+
+
+class _Broken:
+    """The reference with a wrong output: the check must notice."""
+
+    @staticmethod
+    def forward(seg, prob):
+        o, m, l = reference.forward(seg, prob)
+        return o + 1e-2, m, l
+
+    backward = staticmethod(reference.backward)
+    workspace_bytes = staticmethod(reference.workspace_bytes)
+
+
+def test_check_fails_with_exit_code_1_on_a_broken_engine():
+    fascore.register_engine("_broken_for_test", _Broken())
+    try:
+        r = invoke("check", "--quick", "--engine", "_broken_for_test", "--limit", "3")
+    finally:
+        fascore.engine._ENGINES.pop("_broken_for_test", None)
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output and "attention_out" in r.output
+
+
+def test_check_rejects_unknown_engine_and_missing_cuda():
+    assert invoke("check", "--quick", "--engine", "nope").exit_code == 2
+    if not torch.cuda.is_available():
+        r = invoke("check", "--quick", "--device", "cuda")
+        assert r.exit_code == 2 and "CUDA is not available" in r.output
+
+
+def test_full_case_list_is_valid_and_covers_everything():
+    """The full run's random combinations are accepted by validation (no FlashAttentionError)."""
+    specs = check.cases(quick=False, n_random=60)
+    assert len(specs) > 100
+    feats = {f for s in specs for f in s.features()}
+    for f in ["layout " + x for x in ("BSH", "SBH", "BSND", "BNSD", "TND")] + \
+             [f"sparse_mode {m}" for m in range(9)] + [f"pse_type {t}" for t in range(4)]:
+        assert f in feats
+    from fascore.validation import build_problem
+    for s in specs:
+        kw = check.make_inputs(s)
+        kw = check._place(s, kw, s.dtype, torch.device("cpu"))
+        build_problem(kw.pop("query"), kw.pop("key"), kw.pop("value"), kw.pop("head_num"), kw.pop("input_layout"),
+                      **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# fascore bench
+# ----------------------------------------------------------------------------------------------
+def test_bench_writes_csv_and_readable_plots(tmp_path):
+    r = invoke("bench", "--quick", "--seqlens", "64,128", "--repeat", "1", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert {(x["impl"], x["passes"], int(x["S"])) for x in rows} == \
+        {(i, p, s) for i in bench.IMPLS for p in bench.PASSES for s in (64, 128)}
+    for x in rows:
+        assert float(x["seconds"]) > 0 and float(x["gflops_effective"]) > 0
+    for name in ("time.png", "gflops.png", "memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "x SDPA time" in r.output and "bench.csv" in r.output
+
+
+def test_bench_plots_have_labelled_axes_and_one_line_per_implementation(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [dict(impl=i, mask=m, passes=p, S=s, seconds=1e-3 * s, gflops_effective=1.0 * s, peak_mib=0.1 * s)
+            for i in bench.IMPLS for m in ("dense", "causal") for p in bench.PASSES for s in (128, 256, 512)]
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    paths = bench.plot(rows, tmp_path)
+    assert [p.name for p in paths] == ["time.png", "gflops.png", "memory.png"]
+    assert len(figs) == 3
+    for fig in figs:
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+            labels = [ln.get_label() for ln in ax.get_lines()]
+            assert len(labels) == len(set(labels)) and all(any(i in lb for i in bench.IMPLS) for lb in labels)
+            assert {lb.split()[0] for lb in labels} == set(bench.IMPLS)
+    for fig in figs:
+        real_close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# fascore demo / info / --version
+# ----------------------------------------------------------------------------------------------
+def test_demo_command(monkeypatch):
+    """``fascore demo`` on the demo's own cases, shortened to 128 tokens to keep the test fast."""
+    from fascore import demo
+
+    full = demo.cases()
+
+    def short():
+        out = []
+        for name, (q, k, v, n, layout), kw in full:
+            if layout != "TND":
+                q, k, v = q[:, :128], k[:, :128], v[:, :128]
+                if "prefix" in kw:
+                    kw = dict(kw, prefix=[min(p, 128) for p in kw["prefix"]])
+            out.append((name, (q, k, v, n, layout), kw))
+        return out
+
+    monkeypatch.setattr(demo, "cases", short)
+    r = invoke("demo")
+    assert r.exit_code == 0, r.output
+    for mode in ("causal", "band", "prefix", "ALiBi", "dropout", "TND"):
+        assert mode in r.output
+    assert "all checks passed" in r.output
+
+
+def test_info_and_version():
+    r = invoke("info")
+    assert r.exit_code == 0 and "engines" in r.output and "flash" in r.output
+    r = invoke("--version")
+    assert r.exit_code == 0 and fascore.__version__ in r.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Docs: the sparse-mode pictures in npu_fusion_attention's docstring are what the code does
+# ----------------------------------------------------------------------------------------------
+SQ, SKV = 4, 6
+TND_Q, TND_KV = [2, 5], [3, 7]
+
+
+def _causal():
+    return torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
+
+
+def _takes_part(mode: int) -> torch.Tensor:
+    """Which (i, j) take part, read off the operator: Q = K = 0 and V = identity give out = P."""
+    kw: dict = dict(sparse_mode=mode)
+    if mode == 0:
+        kw.update(atten_mask=torch.zeros(SQ, SKV, dtype=torch.bool), pre_tokens=1, next_tokens=2)
+    if mode == 1:
+        kw.update(atten_mask=torch.tensor([[(i + 2 * j) % 5 == 0 for j in range(SKV)] for i in range(SQ)]))
+    if mode in (2, 3, 4, 7, 8):
+        kw.update(atten_mask=_causal())
+    if mode in (4, 7, 8):
+        kw.update(pre_tokens=1, next_tokens=0)
+    if mode == 5:
+        kw.update(atten_mask=torch.zeros(SQ, SKV, dtype=torch.bool), prefix=[4])
+    if mode == 6:
+        lower = torch.cat([torch.zeros(1024, 1024), torch.ones(1024, 1024)], 1).bool()
+        kw.update(atten_mask=torch.cat([_causal(), lower]), prefix=[4])
+    with fascore.use_engine("reference"):
+        if mode in (7, 8):
+            t1, t2 = TND_Q[-1], TND_KV[-1]
+            q, k = torch.zeros(t1, 1, t2, dtype=torch.float64), torch.zeros(t2, 1, t2, dtype=torch.float64)
+            v = torch.eye(t2, dtype=torch.float64)[:, None, :]
+            out = fascore.npu_fusion_attention_v2(q, k, v, 1, "TND", actual_seq_qlen=TND_Q,
+                                                  actual_seq_kvlen=TND_KV, **kw)[0][:, 0]
+        else:
+            q, k = torch.zeros(1, 1, SQ, SKV, dtype=torch.float64), torch.zeros(1, 1, SKV, SKV, dtype=torch.float64)
+            v = torch.eye(SKV, dtype=torch.float64)[None, None]
+            out = fascore.npu_fusion_attention_v2(q, k, v, 1, "BNSD", **kw)[0][0, 0]
+    return out > 0
+
+
+def _picture(mode: int) -> list[str]:
+    tp = _takes_part(mode)
+    if mode not in (7, 8):
+        return ["".join("#" if x else "." for x in row) for row in tp.tolist()]
+    qb, kb = [0] + TND_Q, [0] + TND_KV
+    rows = []
+    for i in range(tp.shape[0]):
+        b = next(x for x in range(len(TND_Q)) if qb[x] <= i < qb[x + 1])
+        rows.append("".join(("#" if tp[i, j] else ".") if kb[b] <= j < kb[b + 1] else " "
+                            for j in range(tp.shape[1])).rstrip())
+    return rows
+
+
+def _doc_pictures() -> dict[int, list[str]]:
+    doc = fascore.npu_fusion_attention.__doc__
+    pics: dict[int, list[str]] = {}
+    mode = None
+    for line in doc.splitlines():
+        m = re.match(r"\s+sparse_mode=(\d) ", line)
+        if m:
+            mode = int(m.group(1))
+            pics[mode] = []
+            continue
+        if mode is not None and re.fullmatch(r"\s{12}[#. ]+", line):
+            pics[mode].append(line[12:].rstrip())
+        elif mode is not None and pics[mode] and not line.strip().startswith("("):
+            mode = None
+    return pics
+
+
+def test_docstring_mask_pictures_match_the_operator():
+    pics = _doc_pictures()
+    assert sorted(pics) == list(range(9))
+    for mode, pic in pics.items():
+        assert pic == _picture(mode), f"sparse_mode={mode}: docstring\n" + "\n".join(pic) + \
+            "\nbut the operator gives\n" + "\n".join(_picture(mode))
+
+
+def test_docstrings_state_shapes_and_formula():
+    doc = fascore.npu_fusion_attention.__doc__
+    for needle in ("BSH", "SBH", "BSND", "BNSD", "TND", "softmax_max", "keep_prob", "FLT_MAX", "Q K^T"):
+        assert needle in doc
+    assert "pse_type" in fascore.npu_fusion_attention_v2.__doc__
+
+
+@pytest.mark.parametrize("cmd", ["check", "bench", "demo", "run", "info"])
+def test_every_command_has_help(cmd):
+    r = invoke(cmd, "--help")
+    assert r.exit_code == 0 and "Usage" in r.output
