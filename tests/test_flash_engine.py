@@ -3,13 +3,15 @@
 Every case runs the public forward (``npu_fusion_attention_v2``) and then
 ``npu_fusion_attention_grad_v2`` fed with *that engine's own* forward statistics and output, once
 with the reference engine and once per flash configuration (forced tile sizes, merged or
-unmerged key runs, fused CPU backward on or off), and compares attention_out, softmax_max,
+unmerged key runs, fused CPU backward on or off, the narrow-band path with a forced block size
+or switched off), and compares attention_out, softmax_max,
 softmax_sum, dq, dk, dv, dpse, dsink (and dq_rope, dk_rope) tightly in float32:
 ``max|flash - reference| <= 1e-5 * max(1, max|reference|)`` per tensor, with the invalid-row
 sentinels (+-FLT_MAX) equal exactly. The geometries straddle tile boundaries (1, b-1, b, b+1,
 several tiles plus an odd remainder; Sq != Skv both ways), and the masks make tiles FULL,
 PARTIAL and EMPTY and rows invalid inside tiles. float16/bfloat16 cases apply SPEC §7's rule to
-both engines against a float64 run of the reference engine.
+both engines against a float64 run of the reference engine. Also: a hypothesis sweep over random
+problems and configurations, bitwise repeatability, and CUDA vs CPU (skipped without a GPU).
 """
 from __future__ import annotations
 
@@ -32,14 +34,18 @@ Q_ARGS = ("query", "key", "value", "head_num", "input_layout")
 GRAD_NAMES = ("dq", "dk", "dv", "dpse", "dsink", "dq_rope", "dk_rope")
 TOL32 = 1e-5
 
-# Flash configurations. tile_bytes=1 keeps every key block its own forward tile; the default
-# merges adjacent blocks of one kind into longer runs.
+# Flash configurations. tile_bytes=1 keeps every key block its own forward tile (and one query
+# block per band chunk); the default merges adjacent blocks of one kind into longer runs.
+# band_bq sets kernels.BAND_BQ, the query block of the narrow-band path (64 by default, which
+# needs Skv >= 128 before a band counts as narrow); band=False turns that path off.
 CFG = {
-    "8x16": dict(tiles=(8, 16), fused_backward=True),
-    "8x16-tiled-unmerged": dict(tiles=(8, 16), fused_backward=False, tile_bytes=1),
-    "16x16-unmerged": dict(tiles=(16, 16), fused_backward=True, tile_bytes=1),
-    "16x16-tiled": dict(tiles=(16, 16), fused_backward=False),
-    "16x8": dict(tiles=(16, 8), fused_backward=True, tile_bytes=1),
+    "8x16": dict(tiles=(8, 16), fused_backward=True, band=False),
+    "8x16-tiled-unmerged": dict(tiles=(8, 16), fused_backward=False, tile_bytes=1, band=False),
+    "16x16-unmerged": dict(tiles=(16, 16), fused_backward=True, tile_bytes=1, band=False),
+    "16x16-tiled": dict(tiles=(16, 16), fused_backward=False, band=False),
+    "16x8": dict(tiles=(16, 8), fused_backward=True, tile_bytes=1, band=False),
+    "band4-chunked": dict(tiles=(8, 16), band=True, band_bq=4, tile_bytes=1),
+    "band8": dict(tiles=(16, 16), band=True, band_bq=8, fused_backward=False),
 }
 ALL_CFGS = list(CFG)
 TWO_CFGS = ["8x16", "16x16-tiled"]
@@ -48,9 +54,12 @@ TWO_CFGS = ["8x16", "16x16-tiled"]
 @pytest.fixture(autouse=True)
 def _restore_kernel_config():
     saved = dict(kernels.config)
+    saved_bq = getattr(kernels, "BAND_BQ", None)
     yield
     kernels.config.clear()
     kernels.config.update(saved)
+    if saved_bq is not None:
+        kernels.BAND_BQ = saved_bq
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,13 +73,20 @@ def _one_thread():
 
 @contextlib.contextmanager
 def flash_config(**cfg):
+    """kernels.config overrides (and ``band_bq`` -> kernels.BAND_BQ), restored afterwards."""
     saved = dict(kernels.config)
+    saved_bq = getattr(kernels, "BAND_BQ", None)
+    band_bq = cfg.pop("band_bq", None)
     kernels.config.update(cfg)
+    if band_bq is not None:
+        kernels.BAND_BQ = band_bq
     try:
         yield
     finally:
         kernels.config.clear()
         kernels.config.update(saved)
+        if saved_bq is not None:
+            kernels.BAND_BQ = saved_bq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +109,7 @@ def _split(inp):
 def run_engine(engine, inp, kw, dy=None, cfg=None, dy_seed=7, backward=True):
     """Forward, then grad_v2 with this engine's own statistics and output."""
     args, extra = _split(inp)
-    with fascore.use_engine(engine), flash_config(**(cfg or {})):
+    with fascore.use_engine(engine), flash_config(**dict(cfg or {})):
         res = fascore.npu_fusion_attention_v2(*args, **extra, **kw)
         out, smax, ssum = res[:3]
         if dy is None:
@@ -290,6 +306,105 @@ def test_mode6_prefix_compressed(sq, skv, prefix_kind):
     prefix = {"low": [lo, lo], "mid": [(lo + skv) // 2, lo + 1], "full": [skv, lo]}[prefix_kind]
     inp = make_qkv("BSH", B=2, N1=2, Sq=sq, Skv=skv, D=8, seed=skv)
     compare(inp, dict(scale=0.3, atten_mask=PREFIX, sparse_mode=6, prefix=prefix), ALL_CFGS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The narrow-band path (band.py): sparse_mode 4, and causal modes when Sq << Skv
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def band_hits(monkeypatch):
+    """Counts the segments that go through the band path (so the tests know they reach it)."""
+    band = pytest.importorskip("fascore.band")
+    hits = []
+    real = band.window
+
+    def window(seg, bq):
+        w = real(seg, bq)
+        if w is not None:
+            hits.append(w)
+        return w
+
+    monkeypatch.setattr(band, "window", window)
+    return hits
+
+
+BAND_CASES = {
+    "mode4": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=3, next_tokens=2),
+    "mode4-diag": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=0, next_tokens=0),
+    "mode4-invalid-rows": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=10, next_tokens=-2),
+    "mode4-wide-right": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=-2, next_tokens=5),
+    "mode4-sink": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=4, next_tokens=1, sink="sink"),
+    "mode4-alibi": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=4, next_tokens=4, pse="slopes", pse_type=2,
+                        q_start_idx=[2], kv_start_idx=[-1]),
+    "mode4-alibi-sqrt": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=6, next_tokens=0, pse="slopes-B",
+                             pse_type=3),
+}
+
+
+@pytest.mark.parametrize("case", list(BAND_CASES))
+@pytest.mark.parametrize("sq, skv", [(53, 53), (45, 61), (70, 50)])
+@pytest.mark.parametrize("band_bq", [4, 8])
+@pytest.mark.parametrize("G, dv", [(1, 8), (2, 4)])
+def test_band_path(band_hits, case, sq, skv, band_bq, G, dv):
+    kw = dict(BAND_CASES[case], scale=0.3)
+    d = skv - sq
+    if not band_ok(kw["pre_tokens"] - d, kw["next_tokens"] + d, sq, skv):
+        pytest.skip("band rule")
+    if kw.get("pse") is not None and sq != skv:
+        pytest.skip("ALiBi needs Sq == Skv")
+    B, N1 = 2, 2 * G
+    inp = make_qkv("BSH", B=B, N1=N1, N2=2, Sq=sq, Skv=skv, D=8, Dv=dv, seed=sq + band_bq)
+    if kw.get("sink") == "sink":
+        kw["sink"] = randn((N1,), torch.float32, gen(1), scale=2.0)
+    if kw.get("pse") == "slopes":
+        kw["pse"] = torch.rand(N1, generator=gen(2))
+    elif kw.get("pse") == "slopes-B":
+        kw["pse"] = torch.rand(B, N1, generator=gen(3))
+    ref = run_engine("reference", inp, kw)
+    for cfg in (dict(band=True, band_bq=band_bq), dict(band=True, band_bq=band_bq, tile_bytes=1)):
+        n0 = len(band_hits)
+        fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=cfg)
+        assert len(band_hits) > n0, "the band path was not taken"
+        assert_same_results(fl, ref, f"band {cfg}")
+    # and the same problem without the band path
+    off = run_engine("flash", inp, kw, dy=ref.dy, cfg=dict(band=False, tiles=(8, 16)))
+    assert_same_results(off, ref, "band off")
+
+
+@pytest.mark.parametrize("sq", [1, 5, 9])
+def test_band_path_causal_short_queries(band_hits, sq):
+    """Mode 2 with Sq << Skv is a narrow band (-(Sq-1) <= j - i <= 0)."""
+    inp = make_qkv("BNSD", B=1, N1=2, Sq=sq, Skv=61, D=8, seed=sq)
+    compare(inp, dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=2), ["band4-chunked", "band8", "8x16"])
+    assert band_hits
+
+
+@pytest.mark.parametrize("mode", [7, 8])
+def test_band_path_tnd(band_hits, mode):
+    inp = make_qkv("TND", N1=4, N2=2, D=8, Dr=4, seed=mode, **TND_LENS["empty-middle"])
+    kw = dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=mode, pre_tokens=3, next_tokens=1,
+              sink=randn((4,), torch.float32, gen(5)))
+    compare(inp, kw, ["band4-chunked", "band8", "16x16-tiled"])
+    assert band_hits
+
+
+def test_band_path_default_block(band_hits):
+    """The engine's own band block (kernels.BAND_BQ) on a long sequence."""
+    inp = make_qkv("BSND", B=1, N1=2, N2=1, Sq=400, Skv=400, D=8, seed=4)
+    kw = dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=4, pre_tokens=20, next_tokens=5)
+    ref = run_engine("reference", inp, kw)
+    fl = run_engine("flash", inp, kw, dy=ref.dy)
+    assert band_hits, "the band path was not taken"
+    assert_same_results(fl, ref, "band default")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_band_path_low_precision(band_hits, dtype):
+    inp = make_qkv("BNSD", B=2, N1=4, N2=2, Sq=60, Skv=60, D=16, dtype=dtype, seed=3)
+    kw = dict(scale=0.25, atten_mask=CAUSAL, sparse_mode=4, pre_tokens=5, next_tokens=3, pse=torch.rand(4),
+              pse_type=2, q_start_idx=[7])
+    check_low_precision(inp, kw, ["band4-chunked", dict(band=True, band_bq=8, matmul_dtype=dtype)])
+    assert band_hits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,6 +610,7 @@ def test_alibi_in_kernel(pse_type, slopes_shape, starts, s):
     qs, ks = starts
     kw = dict(scale=0.3, pse=slopes, pse_type=pse_type, q_start_idx=qs, kv_start_idx=ks)
     compare(inp, dict(kw, atten_mask=CAUSAL, sparse_mode=3), ["8x16", "8x16-tiled-unmerged", "16x8"])
+    compare(inp, dict(kw, atten_mask=CAUSAL, sparse_mode=4, pre_tokens=3, next_tokens=2), ["band4-chunked", "8x16"])
     compare(inp, kw, ["16x16-unmerged"])
 
 
@@ -595,7 +711,9 @@ def random_problems(draw):
     if draw(st.integers(0, 3)) == 0:
         kw.update(keep_prob=0.8, seed=seed + 1, offset=draw(st.integers(0, 9)))
     cfg = dict(tiles=(draw(st.integers(1, 24)), draw(st.integers(1, 24))), fused_backward=draw(st.booleans()),
-               tile_bytes=draw(st.sampled_from([1, 4096, 8 << 20])))
+               tile_bytes=draw(st.sampled_from([1, 4096, 8 << 20])), band=draw(st.booleans()))
+    if cfg["band"]:
+        cfg["band_bq"] = draw(st.sampled_from([2, 4, 8, 16]))
     return inp, kw, cfg
 
 
@@ -683,13 +801,10 @@ def test_low_precision_alibi_large_bias_tiled(dtype):
     check_low_precision(inp, ALIBI_FAR, [dict(tiles=(16, 16), fused_backward=False)])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: flash._backward_fused rounds the in-kernel ALiBi bias to the "
-                   "input dtype (.to(q.dtype)) while the forward statistics used the float32 bias, so with "
-                   "a large |bias| the rebuilt P is wrong (errors ~100x the tiled path's)")
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
 def test_low_precision_alibi_large_bias_fused_as_accurate_as_tiled(dtype):
-    """Both backward paths rebuild P from the same float32 statistics: the fused one may not be
-    much less accurate than the tiled one (against float64)."""
+    """Asking for the fused backward must not cost accuracy: with a half-precision ALiBi bias the
+    engine keeps the float32 bias (tiled path) instead of rounding it into the fused kernel's mask."""
     inp = make_qkv("BNSD", B=1, N1=2, Sq=64, Skv=64, D=16, dtype=dtype, seed=4)
     dy = randn((1, 2, 64, 16), dtype, gen(5))
     i64, k64 = _to64(inp, ALIBI_FAR)

@@ -7,7 +7,7 @@ strides, storage offset, ``requires_grad``, list contents). The aclnn layer retu
 and never raises.
 
 Sizes are tiny (S <= 40, N <= 8, D <= 32). The number of examples per test is
-``FASCORE_FUZZ_EXAMPLES`` (default 60; the invalid-argument test runs 3x, the grad test 1x,
+``FASCORE_FUZZ_EXAMPLES`` (default 150; the invalid-argument test runs 3x, the grad test 1x,
 aclnn 1x). ``FASCORE_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py`` is the long run. The last test
 prints how many cases were tried, by outcome; ``FASCORE_FUZZ_REPORT=path`` also writes it as JSON.
 """
@@ -39,7 +39,7 @@ try:  # run-time knobs of the flash engine (tile sizes, fused backward); optiona
 except Exception:  # pragma: no cover
     _KCONFIG = None
 
-N_EXAMPLES = int(os.environ.get("FASCORE_FUZZ_EXAMPLES", "60"))
+N_EXAMPLES = int(os.environ.get("FASCORE_FUZZ_EXAMPLES", "150"))
 HANG_SECONDS = float(os.environ.get("FASCORE_FUZZ_HANG_SECONDS", "60"))
 FLT_MAX = 3.4028234663852886e38
 I32MAX, I32MIN = 2**31 - 1, -(2**31)
@@ -537,6 +537,28 @@ def compare_forward(case: Case, res, ref) -> None:
     assert_close("softmax_sum", res[2], ref[2], torch.float32)
 
 
+def known_forward_divergence(case: Case, res, ref) -> str | None:
+    """Documented differences between the engines for non-finite inputs (README, Reliability)."""
+    if not case.nonfinite:
+        return None
+    if case.args.get("scale") == 0.0:
+        # the flash engine folds scale into the logits GEMM (alpha = 0): a NaN/Inf of query/key
+        # never reaches the logits; the reference computes (Q K^T) * 0 = NaN
+        return "scale 0 hides NaN/Inf of query/key (flash)"
+    if case.notes and case.notes[0].startswith("value"):
+        x, y = res[0].detach(), ref[0].detach()
+        bad_x, bad_y = ~torch.isfinite(x), ~torch.isfinite(y)
+        if not (bad_x & ~bad_y).any():
+            fin = ~bad_y
+            assert_close("attention_out (finite part)", x[fin], y[fin], case.geo["dtype"])
+            assert_close("softmax_max", res[1], ref[1], torch.float32)
+            assert_close("softmax_sum", res[2], ref[2], torch.float32)
+            # a NaN/Inf value row j reaches rows that cannot see it through 0 * NaN in P @ V:
+            # always in the dense reference, in the flash engine only inside computed tiles
+            return "non-finite value seen through 0 * NaN (reference: every row; flash: computed tiles)"
+    return None
+
+
 def with_seed(case: Case, res) -> dict:
     """The case's arguments with the seed/offset the call drew (generated dropout, seed 0)."""
     args = dict(case.args)
@@ -603,11 +625,10 @@ def test_valid_calls_match_reference(case, cfg, grad, data):
         try:
             compare_forward(case, res, ref)
         except AssertionError:
-            if not (case.nonfinite and case.args.get("scale") == 0.0):
+            label = known_forward_divergence(case, res, ref)
+            if label is None:
                 raise
-            # scale == 0: the flash engine folds scale into the logits GEMM (alpha = 0), so a
-            # NaN/Inf in query/key never reaches the logits; the reference computes 0 * NaN.
-            COUNTS["known: scale 0 hides NaN/Inf of query/key (flash)"] += 1
+            COUNTS[f"known: {label}"] += 1
             grad = False
         if grad:
             COUNTS["valid with backward"] += 1

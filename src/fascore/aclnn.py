@@ -61,6 +61,14 @@ class Executor:
         self.workspace_size = workspace_size
         self._run = run
         self.used = False
+        self._lock = threading.Lock()  # two threads running one executor: exactly one runs
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self.used:
+                return False
+            self.used = True
+            return True
 
 
 def _check_out(t: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -70,7 +78,18 @@ def _check_out(t: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype, de
         raise invalid(f"{name}={t!r}: must be a torch.Tensor")
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
         raise invalid(f"{name} {list(t.shape)} {t.dtype} on {t.device}: must be {list(shape)} {dtype} on {device}")
+    if t.layout != torch.strided or _overlaps(t):
+        raise invalid(f"{name} (strides {list(t.stride()) if t.layout == torch.strided else t.layout}): an output "
+                      "must be a dense tensor whose elements do not share memory (not an expanded view)")
     return t
+
+
+def _overlaps(t: Tensor) -> bool:
+    """Some elements of ``t`` share memory (zero strides, or an overlapping as_strided view)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return True
+    check = getattr(torch, "_debug_has_internal_overlap", None)
+    return check is not None and check(t) == 1  # MemOverlap::Yes
 
 
 def _workspace(prob: Problem, backward: bool) -> int:
@@ -85,6 +104,8 @@ def _prepare(build: Callable[[], tuple[Problem, Callable[[], None]]], backward: 
         size = _workspace(prob, backward)
     except FlashAttentionError as e:
         return _fail(e), 0, None
+    except Exception as e:  # never raise: an unforeseen failure is a runtime error with its text
+        return _fail(FlashAttentionError(f"first stage failed: {type(e).__name__}: {e}", ACLNN_ERR_RUNTIME_ERROR)), 0, None
     return ACLNN_SUCCESS, size, Executor(prob, size, run)
 
 
@@ -92,23 +113,28 @@ def _execute(workspace: Any, workspace_size: Any, executor: Any) -> int:
     try:
         if not isinstance(executor, Executor):
             raise nullptr("executor") if executor is None else invalid(f"executor={executor!r}: not an Executor")
-        if executor.used:
+        if not executor._claim():
             raise FlashAttentionError("executor: an executor runs once; it has already run", ACLNN_ERR_RUNTIME_ERROR)
-        executor.used = True
         need = executor.workspace_size
         given = 0 if workspace is None else workspace.numel() * workspace.element_size() \
             if isinstance(workspace, Tensor) else -1
         if given < 0:
             raise invalid(f"workspace={workspace!r}: must be a tensor or None")
-        if not isinstance(workspace_size, int) or workspace_size < need or given < need:
+        if isinstance(workspace, Tensor) and (workspace.device != executor.problem.device
+                                              or workspace.layout != torch.strided or _overlaps(workspace)):
+            raise invalid(f"workspace (shape {list(workspace.shape)} on {workspace.device}): must be a dense "
+                          f"tensor on {executor.problem.device} whose bytes do not overlap")
+        if isinstance(workspace_size, bool) or not isinstance(workspace_size, int):
+            raise invalid(f"workspace_size={workspace_size!r}: must be an int (the first stage's value)")
+        if workspace_size < need or given < need:
             raise FlashAttentionError(f"workspace: {given} bytes given (workspace_size={workspace_size!r}), "
                                       f"the run needs {need}", ACLNN_ERR_RUNTIME_ERROR)
         with torch.no_grad():
             executor._run()
     except FlashAttentionError as e:
         return _fail(e)
-    except (RuntimeError, MemoryError) as e:  # e.g. an allocation failing mid-run
-        return _fail(FlashAttentionError(f"run failed: {e}", ACLNN_ERR_RUNTIME_ERROR))
+    except Exception as e:  # e.g. an allocation failing mid-run (RuntimeError, MemoryError): never raise
+        return _fail(FlashAttentionError(f"run failed: {type(e).__name__}: {e}", ACLNN_ERR_RUNTIME_ERROR))
     return ACLNN_SUCCESS
 
 

@@ -74,11 +74,13 @@ def max_run_blocks(rows: int, bk: int, ct: torch.dtype) -> int:
 
 
 def use_fused_backward(seg: Segment, prob: Problem, need_dpse: bool) -> bool:
-    """PyTorch's fused CPU flash backward applies: CPU, fp32/fp16/bf16, no dropout, no dpse."""
+    """PyTorch's fused CPU flash backward applies: CPU, fp32/fp16/bf16, no dropout, no dpse, D == Dv."""
     return (config["fused_backward"] and seg.q.device.type == "cpu"
             and prob.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and seg.dropout is None and not need_dpse and seg.k.shape[2] > 0
-            and seg.q.shape[-1] == seg.v.shape[-1])
+            and seg.q.shape[-1] == seg.v.shape[-1]
+            # its additive mask has the input dtype: a half-precision ALiBi bias would be rounded
+            and (seg.pse is None or prob.dtype == torch.float32))
 
 
 def _causal_aligned(mask: MaskSpec, i0: int, i1: int, j0: int, j1: int) -> bool:

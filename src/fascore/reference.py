@@ -69,6 +69,8 @@ def forward(seg: Segment, prob: Problem, compute_dtype: torch.dtype | None = Non
         p = p * z
     out = p @ v
     out = out.masked_fill(~valid.unsqueeze(-1), 0)
+    if m.dtype in (torch.float16, torch.bfloat16):  # the sentinels need float32's range
+        m, l = m.float(), l.float()
     m = torch.where(live, m, torch.full_like(m, -FLT_MAX))
     l = torch.where(live, l, torch.full_like(l, FLT_MAX))
     return out, m, l
