@@ -270,16 +270,7 @@ class _SameDtypeReference:
 
     @staticmethod
     def forward(seg: Any, prob: Any) -> tuple[Tensor, Tensor, Tensor]:
-        if prob.dtype not in (torch.float16, torch.bfloat16):
-            return reference.forward(seg, prob, compute_dtype=prob.dtype)
-        # FLT_MAX (the invalid-row sentinel) overflows fp16/bf16: +-inf there instead; sentinel
-        # positions are excluded from the tolerance anyway
-        saved = reference.FLT_MAX
-        reference.FLT_MAX = math.inf
-        try:
-            return reference.forward(seg, prob, compute_dtype=prob.dtype)
-        finally:
-            reference.FLT_MAX = saved
+        return reference.forward(seg, prob, compute_dtype=prob.dtype)
 
     @staticmethod
     def backward(seg: Any, prob: Any, dy: Tensor, out: Tensor, m: Tensor, l: Tensor, dpse: Any,
