@@ -266,6 +266,8 @@ def valid_cases(draw, api: str | None = None, tnd: bool | None = None, nonfinite
 
     # pse kind decides constraints on the geometry (ALiBi / TND pse need Sq == Skv).
     pse_kind = draw(st.sampled_from(pse_kinds or ["none"] * 5 + ["dense", "slopes"] + (["tnd"] if layout == "TND" else [])))
+    if pse_kind == "tnd" and modes is not None:  # the TND pse needs causal modes 2/3
+        pse_kind = "none"
     if api == "v1" and pse_kind == "slopes":
         pse_kind = "dense"
     if layout == "TND" and pse_kind == "dense":
@@ -455,7 +457,8 @@ def tolerance(dtype: torch.dtype, ref: torch.Tensor, grad: bool = False) -> floa
     fin = ref[torch.isfinite(ref)] if ref.numel() else ref
     mag = max(1.0, fin.abs().max().item()) if fin.numel() else 1.0
     if dtype == torch.float64:
-        rel = 1e-9
+        # backward rebuilds P from float32 statistics (SPEC §2), and dpse accumulates in float32
+        rel = 1e-9 if not grad else 1e-6
     elif dtype == torch.float32:
         rel = 1e-4 if not grad else 2e-4
     elif dtype == torch.float16:
@@ -487,20 +490,37 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.d
 def known_neg_inf_rows(res, ref) -> torch.Tensor | None:
     """Rows whose every logit is -inf (a -inf pse row, or -inf query/key products) without being
     masked: the reference gives NaN output, max -inf, sum NaN; the flash engine treats them as
-    invalid rows (0, -FLT_MAX, +FLT_MAX). Reported to the lead; tolerated and counted here."""
-    rmax, fmax = ref[1], res[1]
-    rows = (rmax == float("-inf"))
-    if not rows.any():
-        return None
-    return rows
+    invalid rows (0, -FLT_MAX, +FLT_MAX). A known difference (README, Reliability; xfail in
+    test_reliability): tolerated and counted here until the engines agree."""
+    rows = ref[1] == float("-inf")
+    return rows if rows.any() else None
 
 
 def last_dim_strided(args: dict) -> bool:
     """query/key/value (or rope) whose last dimension is not unit-stride (strided, permuted or
     expanded): PyTorch's fused CPU flash backward, which the flash engine calls, silently returns
-    wrong gradients for such operands (reported to the lead; see test_reliability)."""
+    wrong gradients for such operands (xfail in test_reliability until fixed): tolerated and
+    counted here."""
     return any(isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1
                for t in (args.get(k) for k in ("query", "key", "value", "query_rope", "key_rope")))
+
+
+class _KnownCrash(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def known_fused_crash(args: dict):
+    """The same fused kernel raises RuntimeError ("could not construct a memory descriptor using
+    strides") for fp16/bf16 operands of a permuted or zero-stride layout: counted, and the rest
+    of the example skipped (xfail in test_reliability until fixed)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (last_dim_strided(args) and "memory descriptor" in str(e)):
+            raise
+        COUNTS["known: fused backward RuntimeError for non-unit last-dim stride (fp16/bf16)"] += 1
+        raise _KnownCrash from e
 
 
 def compare_grads(case: Case, names, got, want, args: dict) -> None:
@@ -635,13 +655,19 @@ def test_valid_calls_match_reference(case, cfg, grad, data):
             g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
             dy = torch.randn(res[0].shape, generator=g).to(res[0].dtype)
             ins = [case.args[k] for k in leaves]
-            gf = torch.autograd.grad(res[0], ins, dy, allow_unused=True)
-            with fascore.use_engine("reference"):
-                gr = torch.autograd.grad(ref[0], ins, dy, allow_unused=True)
-            if not case.nonfinite and known_neg_inf_rows(res, ref) is None:
-                compare_grads(case, [f"d{k}" for k in leaves], gf, gr, case.args)
+            try:
+                with known_fused_crash(case.args):
+                    gf = torch.autograd.grad(res[0], ins, dy, allow_unused=True)
+            except _KnownCrash:
+                gf = None
+            if gf is not None:
+                with fascore.use_engine("reference"):
+                    gr = torch.autograd.grad(ref[0], ins, dy, allow_unused=True)
+                if not case.nonfinite and known_neg_inf_rows(res, ref) is None:
+                    compare_grads(case, [f"d{k}" for k in leaves], gf, gr, case.args)
     snap.verify()
     COUNTS["valid: results equal"] += 1
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -724,7 +750,8 @@ def mutations(case: Case) -> dict:
     if a.get("atten_mask") is not None and mode in (0, 4, 7, 8):
         m["pre/next both negative"] = lambda draw: (with_(pre_tokens=-draw(st.integers(1, 50)),
                                                           next_tokens=-draw(st.integers(1, 50))),
-                                                    ("pre_tokens", "next_tokens"), mode == 0)
+                                                    ("pre_tokens", "next_tokens"),
+                                                    mode == 0 and any(x > 0 for x, _ in geo["geoms"]))
     m["sparse_mode"] = lambda draw: (with_(sparse_mode=draw(st.sampled_from(
         [-1, 9, 100, 2**40, 1.0, None, "0", True] + ([5] if tnd else [7, 8])))), ("sparse_mode",), True)
 
@@ -860,7 +887,8 @@ def mutations(case: Case) -> dict:
         need = -(-numels // 8)
         kind = draw(st.sampled_from(["short", "dtype", "list", "int"] if need > 0 else ["dtype", "list", "int"]))
         dm = {"short": lambda: torch.zeros(need - 1, dtype=torch.uint8),
-              "dtype": lambda: torch.zeros(need + 1, dtype=draw(st.sampled_from([torch.bool, torch.int8, torch.float32, torch.int32]))),
+              "dtype": lambda: torch.zeros(need + 1, dtype=draw(st.sampled_from(
+                  [torch.bool, torch.int8, torch.float32, torch.int32]))),
               "list": lambda: [255] * (need + 1), "int": lambda: 255}[kind]()
         return with_(dropout_mask=dm, keep_prob=0.5), ("dropout_mask",), True
     m["dropout_mask"] = bad_dropmask
@@ -894,10 +922,12 @@ def mutations(case: Case) -> dict:
                                      ("query", "key", "value"), True)
     m["sparse tensor"] = lambda draw: (with_(**{(w := draw(st.sampled_from(["query", "key", "value"]))):
                                                 a[w].detach().to_sparse()}), (w,), True)
-    m["not a tensor"] = lambda draw: (with_(**{(w := draw(st.sampled_from(["query", "key", "value"]))):
-                                               draw(st.sampled_from([None, 3, 1.5, [1.0], a[w].tolist()[:1],
-                                                                     a[w].detach().numpy() if a[w].dtype in (torch.float32, torch.float64) else "q"]))}),
-                                      (w,), True)
+    def not_a_tensor(draw):
+        w = draw(st.sampled_from(["query", "key", "value"]))
+        t = a[w].detach()
+        numpy = t.numpy() if t.dtype in (torch.float32, torch.float64) else "q"
+        return with_(**{w: draw(st.sampled_from([None, 3, 1.5, [1.0], t.tolist()[:1], numpy]))}), (w,), True
+    m["not a tensor"] = not_a_tensor
     return m
 
 
@@ -993,11 +1023,15 @@ def test_grad_entry_points(case, cfg, data):
                 extra["numels"] = data.draw(st.sampled_from([res[6] + 1, -1, 1.5, True, None, "0"]))
             else:
                 extra[kind] = data.draw(st.sampled_from([
-                    None, 0, t.unsqueeze(0), t.double(), torch.zeros(t.shape[:-1] + (t.shape[-1] + 1,), dtype=t.dtype),
+                    None, 0, t.unsqueeze(0), t.to(_other_float(t.dtype)),
+                    torch.zeros(t.shape[:-1] + (t.shape[-1] + 1,), dtype=t.dtype),
                     torch.empty(t.shape, dtype=t.dtype, device=META)]))
         snap = Snapshot({**args, **extra})
         try:
-            got = call_grad(case, args, dict(extra))
+            with known_fused_crash(args):
+                got = call_grad(case, args, dict(extra))
+        except _KnownCrash:
+            pass
         except FlashAttentionError as e:
             assert kind != "valid", f"valid grad call raised {e}"
             check_error(e, names, case.api)

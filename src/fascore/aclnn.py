@@ -105,7 +105,8 @@ def _prepare(build: Callable[[], tuple[Problem, Callable[[], None]]], backward: 
     except FlashAttentionError as e:
         return _fail(e), 0, None
     except Exception as e:  # never raise: an unforeseen failure is a runtime error with its text
-        return _fail(FlashAttentionError(f"first stage failed: {type(e).__name__}: {e}", ACLNN_ERR_RUNTIME_ERROR)), 0, None
+        err = FlashAttentionError(f"first stage failed: {type(e).__name__}: {e}", ACLNN_ERR_RUNTIME_ERROR)
+        return _fail(err), 0, None
     return ACLNN_SUCCESS, size, Executor(prob, size, run)
 
 
