@@ -186,10 +186,14 @@ def run_case(case: Case, repeat: int, with_flex: bool, with_naive: bool) -> list
 
 def _peak_child(impl: str, passes: str, s: int) -> dict:
     code = f"""
-import resource, json, torch, torch.nn.functional as F, fascore
+import json, torch, torch.nn.functional as F, fascore
 s={s}; q,k,v=[torch.randn(1,1,s,64, requires_grad={passes == 'fwd+bwd'}) for _ in range(3)]
 mask=torch.triu(torch.ones(2048,2048,dtype=torch.bool),1)
-base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # peak RSS of this process (VmHWM; ru_maxrss would carry the parent's peak over exec)
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1])
+base=hwm()
 if '{impl}'=='fascore':
     o=fascore.npu_fusion_attention_v2(q,k,v,1,'BNSD',scale=0.125,atten_mask=mask,sparse_mode=2)[0]
 elif '{impl}'=='sdpa':
@@ -199,7 +203,7 @@ else:
     o=torch.softmax(sc.masked_fill(torch.ones(s,s,dtype=torch.bool).triu(1),float('-inf')),-1)@v
 if {passes == 'fwd+bwd'}:
     o.backward(torch.ones_like(o))
-peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak=hwm()
 print(json.dumps(dict(peak_kib=peak, before_kib=base)))
 """
     need = 4 * s * s * 3
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--only", default="", help="comma-separated case names (5: memory)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -487,54 +487,13 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.d
         assert err <= tol, f"{name}: max |flash - reference| = {err:.3e} > {tol:.3e}"
 
 
-def known_neg_inf_rows(res, ref) -> torch.Tensor | None:
-    """Rows whose every logit is -inf (a -inf pse row, or -inf query/key products) without being
-    masked: the reference gives NaN output, max -inf, sum NaN; the flash engine treats them as
-    invalid rows (0, -FLT_MAX, +FLT_MAX). A known difference (README, Reliability; xfail in
-    test_reliability): tolerated and counted here until the engines agree."""
-    rows = ref[1] == float("-inf")
-    return rows if rows.any() else None
-
-
-def last_dim_strided(args: dict) -> bool:
-    """query/key/value (or rope) whose last dimension is not unit-stride (strided, permuted or
-    expanded): PyTorch's fused CPU flash backward, which the flash engine calls, silently returns
-    wrong gradients for such operands (xfail in test_reliability until fixed): tolerated and
-    counted here."""
-    return any(isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1
-               for t in (args.get(k) for k in ("query", "key", "value", "query_rope", "key_rope")))
-
-
-class _KnownCrash(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def known_fused_crash(args: dict):
-    """The same fused kernel raises RuntimeError ("could not construct a memory descriptor using
-    strides") for fp16/bf16 operands of a permuted or zero-stride layout: counted, and the rest
-    of the example skipped (xfail in test_reliability until fixed)."""
-    try:
-        yield
-    except RuntimeError as e:
-        if not (last_dim_strided(args) and "memory descriptor" in str(e)):
-            raise
-        COUNTS["known: fused backward RuntimeError for non-unit last-dim stride (fp16/bf16)"] += 1
-        raise _KnownCrash from e
-
-
-def compare_grads(case: Case, names, got, want, args: dict) -> None:
-    try:
-        for k, a, r in zip(names, got, want):
-            if a is None or r is None:
-                assert a is None and r is None, f"d{k}: one engine gave no gradient"
-                continue
-            dt = case.geo["dtype"] if r.dtype == torch.float32 else r.dtype
-            assert_close(f"d{k}", a, r, dt, grad=True)
-    except AssertionError:
-        if not last_dim_strided(args):
-            raise
-        COUNTS["known: fused backward wrong for non-unit last-dim stride"] += 1
+def compare_grads(case: Case, names, got, want) -> None:
+    for k, a, r in zip(names, got, want):
+        if a is None or r is None:
+            assert a is None and r is None, f"d{k}: one engine gave no gradient"
+            continue
+        dt = case.geo["dtype"] if r.dtype == torch.float32 else r.dtype
+        assert_close(f"d{k}", a, r, dt, grad=True)
 
 
 def compare_forward(case: Case, res, ref) -> None:
@@ -542,16 +501,6 @@ def compare_forward(case: Case, res, ref) -> None:
     assert isinstance(res, tuple) and len(res) == 7, "forward must return a 7-tuple"
     assert res[4:] == ref[4:], f"seed/offset/numels {res[4:]} != reference {ref[4:]}"
     assert res[3].shape == (0,) and res[3].dtype == dtype
-    rows = known_neg_inf_rows(res, ref)
-    if rows is not None and not torch.equal(res[1][rows], ref[1][rows]):
-        COUNTS["known: all -inf logit rows (flash: invalid row, reference: NaN)"] += 1
-        assert (res[1][rows] == -FLT_MAX).all() and (res[2][rows] == FLT_MAX).all()
-        assert_close("softmax_max", res[1], ref[1], torch.float32, skip=rows)
-        assert_close("softmax_sum", res[2], ref[2], torch.float32, skip=rows)
-        # the output rows cannot be located without the layout: compare where both are finite
-        fin = torch.isfinite(ref[0]) & torch.isfinite(res[0])
-        assert_close("attention_out", res[0][fin], ref[0][fin], dtype)
-        return
     assert_close("attention_out", res[0], ref[0], dtype)
     assert_close("softmax_max", res[1], ref[1], torch.float32)
     assert_close("softmax_sum", res[2], ref[2], torch.float32)
@@ -655,16 +604,11 @@ def test_valid_calls_match_reference(case, cfg, grad, data):
             g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
             dy = torch.randn(res[0].shape, generator=g).to(res[0].dtype)
             ins = [case.args[k] for k in leaves]
-            try:
-                with known_fused_crash(case.args):
-                    gf = torch.autograd.grad(res[0], ins, dy, allow_unused=True)
-            except _KnownCrash:
-                gf = None
-            if gf is not None:
-                with fascore.use_engine("reference"):
-                    gr = torch.autograd.grad(ref[0], ins, dy, allow_unused=True)
-                if not case.nonfinite and known_neg_inf_rows(res, ref) is None:
-                    compare_grads(case, [f"d{k}" for k in leaves], gf, gr, case.args)
+            gf = torch.autograd.grad(res[0], ins, dy, allow_unused=True)
+            with fascore.use_engine("reference"):
+                gr = torch.autograd.grad(ref[0], ins, dy, allow_unused=True)
+            if not case.nonfinite:
+                compare_grads(case, [f"d{k}" for k in leaves], gf, gr)
     snap.verify()
     COUNTS["valid: results equal"] += 1
 
@@ -1028,10 +972,7 @@ def test_grad_entry_points(case, cfg, data):
                     torch.empty(t.shape, dtype=t.dtype, device=META)]))
         snap = Snapshot({**args, **extra})
         try:
-            with known_fused_crash(args):
-                got = call_grad(case, args, dict(extra))
-        except _KnownCrash:
-            pass
+            got = call_grad(case, args, dict(extra))
         except FlashAttentionError as e:
             assert kind != "valid", f"valid grad call raised {e}"
             check_error(e, names, case.api)
@@ -1043,7 +984,7 @@ def test_grad_entry_points(case, cfg, data):
             with fascore.use_engine("reference"):
                 want = call_grad(case, args, dict(extra))
             assert len(got) == len(want)
-            compare_grads(case, [f"grad output {i}" for i in range(len(got))], got, want, args)
+            compare_grads(case, [f"grad output {i}" for i in range(len(got))], got, want)
             COUNTS["grad op: equal to reference"] += 1
         snap.verify()
 

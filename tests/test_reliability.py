@@ -276,17 +276,9 @@ NONFINITE = [float("nan"), float("inf"), float("-inf")]
 @pytest.mark.parametrize("val", NONFINITE, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "causal"])
 @pytest.mark.parametrize("with_pse", [True, False], ids=["pse", "nopse"])
-def test_nonfinite_forward_and_backward_propagate_as_reference(where, val, masked, with_pse, pinned_matmul,
-                                                                request):
+def test_nonfinite_forward_and_backward_propagate_as_reference(where, val, masked, with_pse, pinned_matmul):
     if where == "pse" and not with_pse:
         pytest.skip("no pse")
-    row_turns_nonfinite = where == "query" or (where == "pse" and val != float("-inf")) or \
-        (where == "key" and val == float("-inf"))  # only row 5's statistics become NaN/inf
-    if with_pse and masked and row_turns_nonfinite:
-        request.applymarker(pytest.mark.xfail(
-            reason="flash tiled backward: P = exp(-inf - lse) is NaN at masked-out positions of a row whose lse is "
-                   "NaN/inf, so dv/dk of keys the row cannot see turn NaN; the reference zeroes P there. Reported.",
-            strict=False, raises=AssertionError))
     b, n, s, d = 1, 2, 12, 8
     t = {"query": rnd((b, n, s, d), 1), "key": rnd((b, n, s, d), 2), "value": rnd((b, n, s, d), 3)}
     if with_pse:  # a pse gradient: the flash engine's own tiled backward; without: PyTorch's fused kernel
@@ -308,9 +300,6 @@ def test_nonfinite_forward_and_backward_propagate_as_reference(where, val, maske
         assert torch.equal(leaves[k].detach().isnan(), v.isnan())
 
 
-@pytest.mark.xfail(reason="a row whose every logit is -inf (a -inf pse row) without being masked: the flash "
-                          "engine returns an invalid row (0, -FLT_MAX, +FLT_MAX), the reference NaN/-inf/NaN; "
-                          "reported, the engines must agree", strict=False, raises=AssertionError)
 def test_all_neg_inf_logit_row_agrees():
     q, k, v = rnd((1, 1, 4, 8), 1), rnd((1, 1, 4, 8), 2), rnd((1, 1, 4, 8), 3)
     pse = torch.zeros(1, 1, 4, 4)
@@ -596,12 +585,8 @@ def test_cuda_memory_guard():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bugs found by the fuzzer in files this suite does not own (xfail until fixed; see the report)
+# Regressions for bugs the fuzzer found (fixed in flash.py, dropout.py, reference.py)
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.xfail(reason="flash._backward_fused passes operands whose last dimension is not unit-stride to "
-                          "aten._scaled_dot_product_flash_attention_for_cpu_backward, which silently returns "
-                          "wrong gradients for them (fix: .contiguous() the operands)", strict=False,
-                   raises=AssertionError)
 @pytest.mark.parametrize("style", ["strided", "expanded", "permuted"])
 def test_gradients_of_non_unit_stride_inputs(style):
     g = torch.Generator().manual_seed(0)
@@ -623,9 +608,6 @@ def test_gradients_of_non_unit_stride_inputs(style):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"{name}: max diff {(a - b).abs().max().item():.3e}"
 
 
-@pytest.mark.xfail(reason="dropout.Dropout.keep: the Philox counter's high word is c >> 32 of an int64 that "
-                          "wrapped (offset + f // 4 >= 2**63), not (c >> 32) & 0xFFFFFFFF as SPEC §5 reads "
-                          "c mod 2**64", strict=False, raises=AssertionError)
 @pytest.mark.parametrize("offset", [2**63 - 5, 2**63 - 1])
 def test_generated_dropout_bits_near_the_top_of_offset(offset):
     sys.path.insert(0, os.path.dirname(__file__))
@@ -636,10 +618,6 @@ def test_generated_dropout_bits_near_the_top_of_offset(offset):
     assert torch.equal(got, philox_keep_bits(123, offset, 64, 0.5))
 
 
-@pytest.mark.xfail(reason="flash._backward_fused: for fp16/bf16 operands of a permuted or zero-stride layout "
-                          "the fused CPU kernel raises RuntimeError 'could not construct a memory descriptor "
-                          "using strides' (fix: .contiguous() the operands)", strict=False,
-                   raises=RuntimeError)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("style", ["expanded", "permuted"])
 def test_half_grad_op_with_non_unit_stride_inputs(dtype, style):

@@ -23,18 +23,39 @@ _GRAD_V2_NAMES = Names({"scale": "scale_value"})
 
 
 # --------------------------------------------------------------------------- memory guard
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None without a limit."""
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_f) as f:
+                limit = f.read().strip()
+            with open(usage_f) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            return max(0, int(limit) - usage)
+    return None
+
+
 def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on ``device`` (CPU: MemAvailable)."""
+    """Bytes that can still be allocated on ``device`` (CPU: MemAvailable, capped by the cgroup limit)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    have = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    have = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if have is None:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    cg = _cgroup_headroom()
+    return have if cg is None else min(have, cg)
 
 
 def check_memory(prob: Problem, backward: bool) -> int:
@@ -109,7 +130,8 @@ def run_backward(prob: Problem, dy: Tensor, attention_in: Tensor, softmax_max: T
     check_memory(prob, backward=True)
     engine = get_engine()
     dev, d = prob.device, prob.d
-    dpse = torch.zeros(prob.pse.shape, dtype=torch.float32, device=dev) if prob.pse is not None else None
+    acc = torch.float64 if prob.dtype == torch.float64 else torch.float32
+    dpse = torch.zeros(prob.pse.shape, dtype=acc, device=dev) if prob.pse is not None else None
     dsink = torch.zeros(prob.n1, dtype=torch.float32, device=dev) if prob.sink is not None else None
     results = []
     for seg in prob.segments:

@@ -141,6 +141,7 @@ def backward(seg: Segment, prob: Problem, dy: Tensor, lse: Tensor, r: Tensor, mm
             for r0 in range(0, w.nq, w.step):
                 r1 = min(r0 + w.step, w.nq)
                 p = w.logits(q, kw, r0, r1, slope).sub_(lse_h[r0:r1]).exp_()
+                p.masked_fill_(w.masked[r0 // w.step], 0.0)  # exp(-inf - lse) is NaN for a NaN/-inf lse
                 dv_win = torch.bmm(p.transpose(1, 2).to(mm), dy_h[r0:r1]).to(ct)  # [n, W, Dv]
                 ds = torch.bmm(dy_h[r0:r1], vw[r0:r1].transpose(1, 2)).to(ct)
                 ds = ds.sub_(r_h[r0:r1]).mul_(p).to(mm)

@@ -71,7 +71,7 @@ class Dropout:
         k = (w + 6) // 4
         c = self.offset + (row0 >> 2).unsqueeze(-1) + torch.arange(k, dtype=torch.int64, device=device)
         zero = torch.zeros_like(c)
-        words = philox4x32_10(torch.stack((c & _M32, c >> 32, zero, zero), -1), (self.seed, self.seed >> 32))
+        words = philox4x32_10(torch.stack((c & _M32, (c >> 32) & _M32, zero, zero), -1), (self.seed, self.seed >> 32))
         words = words.flatten(-2)
         words = words.gather(-1, (row0 & 3).unsqueeze(-1) + cols)
         return words < threshold(self.keep_prob)

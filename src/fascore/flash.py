@@ -68,8 +68,12 @@ class _Tiles:
         """[B, N1, Sq, ...] row block as [B*N2, G*rows, ...]."""
         return x[:, :, i0:i1].reshape(self.b * self.n2, self.g * (i1 - i0), *x.shape[3:])
 
-    def logits(self, qt: Tensor, i0: int, i1: int, j0: int, j1: int, partial: bool, ct: torch.dtype) -> Tensor:
-        """Scaled, biased, masked logits [B*N2, G*bq, bk] in ``ct`` (-inf where not taking part)."""
+    def logits(self, qt: Tensor, i0: int, i1: int, j0: int, j1: int, partial: bool, ct: torch.dtype,
+               masked_out: list | None = None) -> Tensor:
+        """Scaled, biased, masked logits [B*N2, G*bq, bk] in ``ct`` (-inf where not taking part).
+
+        With ``masked_out``, the boolean not-taking-part tile (view of [B, N2, G, bq, bk]) is appended.
+        """
         kt = self.kt[:, :, j0:j1]
         s = torch.baddbmm(torch.empty((), dtype=qt.dtype, device=qt.device), qt, kt, beta=0, alpha=self.prob.scale)
         s = s.to(ct) if s.dtype != ct else s
@@ -82,7 +86,10 @@ class _Tiles:
         if partial:
             allowed = self.seg.mask.tile(i0, i1, j0, j1, s.device)
             if allowed is not None:
-                s5.masked_fill_(~_split_heads(allowed, self.n2, self.g), float("-inf"))
+                masked = ~_split_heads(allowed, self.n2, self.g)
+                s5.masked_fill_(masked, float("-inf"))
+                if masked_out is not None:
+                    masked_out.append(masked)
         return s
 
     def keep(self, i0: int, i1: int, j0: int, j1: int, ct: torch.dtype) -> Tensor | None:
@@ -189,8 +196,11 @@ def _backward_tiled(seg: Segment, prob: Problem, dy: Tensor, lse: Tensor, r: Ten
         for qb, kind in by_key[kb]:
             i0, i1 = qb * bq, min((qb + 1) * bq, t.sq)
             qt = t.q_block(i0, i1)
-            s = t.logits(qt, i0, i1, j0, j1, kind != FULL, ct)
+            masked: list[Tensor] = []
+            s = t.logits(qt, i0, i1, j0, j1, kind != FULL, ct, masked)
             p = s.sub_(t.rows(lse, i0, i1).unsqueeze(-1)).exp_()
+            if masked:  # P = 0 where (i, j) does not take part, even for a NaN/-inf lse
+                p.view(t.b, t.n2, t.g, i1 - i0, j1 - j0).masked_fill_(masked[0], 0.0)
             z = t.keep(i0, i1, j0, j1, ct)
             dyt = t.rows(dy_mm, i0, i1)
             pd = p if z is None else p * z
@@ -215,9 +225,10 @@ def _backward_fused(seg: Segment, prob: Problem, dy: Tensor, out: Tensor, lse: T
     b, n1, sq, d = seg.q.shape
     n2, skv = seg.k.shape[1], seg.k.shape[2]
     g = n1 // n2
-    k = seg.k.repeat_interleave(g, 1) if g > 1 else seg.k
-    v = seg.v.repeat_interleave(g, 1) if g > 1 else seg.v
-    q, dy_, out_ = seg.q, dy.to(seg.q.dtype), out.to(seg.q.dtype)
+    # The fused kernel needs dense operands (it silently misreads a non-unit last-dim stride).
+    k = (seg.k.repeat_interleave(g, 1) if g > 1 else seg.k).contiguous()
+    v = (seg.v.repeat_interleave(g, 1) if g > 1 else seg.v).contiguous()
+    q, dy_, out_ = seg.q.contiguous(), dy.to(seg.q.dtype).contiguous(), out.to(seg.q.dtype).contiguous()
     lse32 = lse.float()
     dq = torch.zeros(b, n1, sq, d, dtype=ct, device=q.device)
     dk = torch.zeros(b, n1, skv, d, dtype=ct, device=q.device)

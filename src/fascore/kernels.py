@@ -24,19 +24,39 @@ config: dict = {
 BAND_BQ = 64  # query rows per block on the band path (window waste ~ (BAND_BQ + band) / band)
 
 
+_FAST_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 @functools.lru_cache(maxsize=None)
 def _half_is_fast(dtype: torch.dtype) -> bool:
-    """Micro-probe: does this CPU multiply ``dtype`` tiles faster than float32 ones?"""
+    """Does this CPU multiply ``dtype`` natively (AMX / AVX-512 bf16 or fp16 instructions)?
+
+    Decided from the CPU's feature flags, not by timing, so that every process on one machine
+    takes the same path (and gets bitwise the same results). Without /proc/cpuinfo: a probe.
+    """
+    flags = _cpu_flags()
+    if flags:
+        return any(f in flags for f in _FAST_FLAGS[dtype])
+
     def rate(dt: torch.dtype) -> float:
-        a = torch.randn(8, 256, 128).to(dt)
-        b = torch.randn(8, 128, 256).to(dt)
+        a, b = torch.randn(8, 256, 128).to(dt), torch.randn(8, 128, 256).to(dt)
         torch.bmm(a, b)
-        best = float("inf")
+        t0 = time.perf_counter()
         for _ in range(5):
-            t0 = time.perf_counter()
             torch.bmm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return time.perf_counter() - t0
     return rate(dtype) < rate(torch.float32)
 
 

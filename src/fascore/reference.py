@@ -54,6 +54,7 @@ def forward(seg: Segment, prob: Problem, compute_dtype: torch.dtype | None = Non
     valid = allowed.any(-1)
     lm = L.masked_fill(~allowed, float("-inf"))
     m = lm.amax(-1) if L.shape[-1] else torch.full(L.shape[:-1], float("-inf"), dtype=ct, device=L.device)
+    valid = valid & (m != float("-inf"))  # every logit -inf (e.g. a -inf pse row): nothing to average
     sink = prob.sink.to(ct)[None, :, None] if prob.sink is not None else None
     if sink is not None:
         m = torch.maximum(m, sink.expand_as(m))
