@@ -97,7 +97,7 @@ def test_gradcheck_pse(pse_type, pse_shape):
 
 @pytest.mark.parametrize("mode", [1, 3])
 def test_sink_gradient(mode):
-    """sink is float32 (decisions.md): compare with the oracle's float64 autograd gradient and a
+    """sink is float32 (README, Decisions): compare with the oracle's float64 autograd gradient and a
     central finite difference instead of gradcheck."""
     inp = make_qkv("BNSD", B=2, N1=3, Sq=4, Skv=5, D=3, dtype=torch.float64, seed=4)
     mask = random_mask((2, 1, 4, 5), 0.3, 4)

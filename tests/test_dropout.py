@@ -141,7 +141,7 @@ def test_drawn_seed_repeatable_and_fresh():
 
 
 def test_drawn_seed_follows_decisions():
-    """decisions.md: the seed is torch.randint(1, 2**63 - 1) from the default CPU generator,
+    """README (Decisions): the seed is torch.randint(1, 2**63 - 1) from the default CPU generator,
     offset stays 0."""
     inp = make_qkv("BNSD", B=1, N1=1, Sq=4, Skv=4, D=4, seed=10)
     torch.manual_seed(77)

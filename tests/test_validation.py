@@ -1,4 +1,4 @@
-"""Input validation of the torch-style entry points (SPEC sections 2-9 + docs/decisions.md).
+"""Input validation of the torch-style entry points (SPEC sections 2-9 + the README's Decisions section).
 
 Black-box tests: every case builds an otherwise-valid small call and breaks exactly one rule,
 then checks that ``fascore.FlashAttentionError`` is raised with the right ``.status`` and that
