@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fascore
 from fascore import kernels
+from fascore.bench import _step
 
 COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 
@@ -159,18 +160,8 @@ def run_case(case: Case, repeat: int, with_flex: bool, with_naive: bool) -> list
                 continue  # FlexAttention on CPU has no backward
             grad = passes == "fwd+bwd"
             q, k, v = make(case, grad)
-
-            def step():
-                if grad:
-                    for x in (q, k, v):
-                        x.grad = None
-                    o = fn(q, k, v)
-                    o.backward(torch.ones_like(o))
-                else:
-                    with torch.no_grad():
-                        fn(q, k, v)
             try:
-                t = timed(step, repeat)
+                t = timed(_step(fn, q, k, v, grad), repeat)
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} {passes} failed on {case.name}: {type(e).__name__}: {e}", file=sys.stderr)
                 continue

@@ -36,6 +36,7 @@ from torch import Tensor
 from .api import npu_fusion_attention_grad_v2, npu_fusion_attention_v2
 from .dropout import draw_seed
 from .errors import invalid
+from .layouts import from_bnsd, to_bnsd
 from .ring import FLT_MAX, _weights
 from .validation import build_problem
 
@@ -415,26 +416,6 @@ def _resolve_seed(plan: _Plan, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- forward / backward
-def _bnsd(x: Tensor, layout: str, n: int) -> Tensor:
-    if layout == "BSH":
-        return x.unflatten(-1, (n, -1)).permute(0, 2, 1, 3)
-    if layout == "SBH":
-        return x.unflatten(-1, (n, -1)).permute(1, 2, 0, 3)
-    if layout == "BSND":
-        return x.permute(0, 2, 1, 3)
-    return x
-
-
-def _from_bnsd(y: Tensor, layout: str) -> Tensor:
-    if layout == "BSH":
-        return y.permute(0, 2, 1, 3).flatten(2).contiguous()
-    if layout == "SBH":
-        return y.permute(2, 0, 1, 3).flatten(2).contiguous()
-    if layout == "BSND":
-        return y.permute(0, 2, 1, 3).contiguous()
-    return y.contiguous()
-
-
 def _ring_forward(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, head_num: int) -> tuple[Tensor, Tensor, Tensor]:
     dim, lay = plan.dim, plan.layout
     ct = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -457,7 +438,7 @@ def _ring_forward(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, head_n
                     continue
                 o, m, l = npu_fusion_attention_v2(q_a, k_src.narrow(dim, b * plan.ck, plan.ck),
                                                   v_src.narrow(dim, b * plan.ck, plan.ck), head_num, lay, **kw)[:3]
-                o, m, l = _bnsd(o, lay, plan.n1).to(ct), m[..., 0].to(ct), l[..., 0].to(ct)
+                o, m, l = to_bnsd(o, lay, plan.n1).to(ct), m[..., 0].to(ct), l[..., 0].to(ct)
                 if state[a] is None:
                     state[a] = (o, m, l)
                 else:
@@ -478,7 +459,7 @@ def _ring_forward(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, head_n
         outs.append(st[0])
         ms.append(st[1])
         ls.append(st[2])
-    out = _from_bnsd(torch.cat(outs, 2).to(query.dtype), lay)
+    out = from_bnsd(torch.cat(outs, 2).to(query.dtype), lay)
     smax = torch.cat(ms, 2).float().unsqueeze(-1).expand(-1, -1, -1, 8).contiguous()
     ssum = torch.cat(ls, 2).float().unsqueeze(-1).expand(-1, -1, -1, 8).contiguous()
     return out, smax, ssum

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .errors import invalid
+from .rows import FLT_MAX
 
-FLT_MAX = 3.4028234663852886e38
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
