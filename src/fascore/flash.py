@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import band, kernels
-from .masks import EMPTY, FULL, MaskSpec, plan_blocks
+from .masks import EMPTY, FULL, plan_blocks
 from .problem import Problem, Segment
 from .reference import default_compute_dtype
 from .rows import finalize
