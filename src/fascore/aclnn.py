@@ -139,6 +139,19 @@ def _execute(workspace: Any, workspace_size: Any, executor: Any) -> int:
     return ACLNN_SUCCESS
 
 
+def _problem(query, key, value, pse, drop_mask, padding_mask, atten_mask, prefix, q_start, kv_start, scale,
+             keep_prob, pre, nxt, head_num, layout, inner_precise, sparse_mode, pse_type, names: Names) -> Problem:
+    """The first stages' common validation; no dropout at this layer without a mask."""
+    kp = keep_prob
+    if drop_mask is None and isinstance(kp, (int, float)) and not isinstance(kp, bool) and 0 < kp <= 1:
+        kp = 1.0
+    return build_problem(query, key, value, head_num, layout, pse=pse, padding_mask=padding_mask,
+                         atten_mask=atten_mask, scale=scale, keep_prob=kp, pre_tokens=pre, next_tokens=nxt,
+                         inner_precise=inner_precise, prefix=prefix, sparse_mode=sparse_mode, pse_type=pse_type,
+                         q_start_idx=q_start, kv_start_idx=kv_start, dropout_mask=drop_mask,
+                         draw_missing_seed=False, names=names, allow_tnd=False)
+
+
 def aclnnFlashAttentionScoreV2GetWorkspaceSize(
     query, key, value, realShiftOptional, dropMaskOptional, paddingMaskOptional, attenMaskOptional,
     prefixOptional, qStartIdxOptional, kvStartIdxOptional, scaleValue, keepProb, preTokens, nextTokens,
@@ -148,16 +161,10 @@ def aclnnFlashAttentionScoreV2GetWorkspaceSize(
     """First stage of the forward: validate, size the workspace, return an executor."""
 
     def build() -> tuple[Problem, Callable[[], None]]:
-        kp = keepProb
-        if dropMaskOptional is None and isinstance(kp, (int, float)) and not isinstance(kp, bool) and 0 < kp <= 1:
-            kp = 1.0  # no dropout at this layer without a mask
-        prob = build_problem(query, key, value, headNum, inputLayout, pse=realShiftOptional,
-                             padding_mask=paddingMaskOptional, atten_mask=attenMaskOptional,
-                             scale=scaleValue, keep_prob=kp, pre_tokens=preTokens, next_tokens=nextTokens,
-                             inner_precise=innerPrecise, prefix=prefixOptional, sparse_mode=sparseMode,
-                             pse_type=pseType, q_start_idx=qStartIdxOptional, kv_start_idx=kvStartIdxOptional,
-                             dropout_mask=dropMaskOptional, draw_missing_seed=False, names=_NAMES,
-                             allow_tnd=False)
+        prob = _problem(query, key, value, realShiftOptional, dropMaskOptional, paddingMaskOptional,
+                        attenMaskOptional, prefixOptional, qStartIdxOptional, kvStartIdxOptional, scaleValue,
+                        keepProb, preTokens, nextTokens, headNum, inputLayout, innerPrecise, sparseMode, pseType,
+                        _NAMES)
         if isinstance(keepProb, (int, float)) and not 0 < keepProb <= 1:
             raise invalid(f"keepProb={keepProb}: must be in (0, 1]")
         out = _check_out(attentionOutOut, "attentionOutOut", prob.out_shape, prob.dtype, prob.device)
@@ -192,16 +199,10 @@ def aclnnFlashAttentionScoreGradV2GetWorkspaceSize(
     """First stage of the backward; dpseOut (optional) receives the pse gradient for types 0/1."""
 
     def build() -> tuple[Problem, Callable[[], None]]:
-        kp = keepProb
-        if dropMaskOptional is None and isinstance(kp, (int, float)) and not isinstance(kp, bool) and 0 < kp <= 1:
-            kp = 1.0
-        prob = build_problem(query, keyIn, value, headNum, inputLayout, pse=pseShiftOptional,
-                             padding_mask=paddingMaskOptional, atten_mask=attenMaskOptional,
-                             scale=scaleValue, keep_prob=kp, pre_tokens=preTokens, next_tokens=nextTokens,
-                             inner_precise=innerPrecise, prefix=prefixOptional, sparse_mode=sparseMode,
-                             pse_type=pseType, q_start_idx=qStartIdxOptional, kv_start_idx=kvStartIdxOptional,
-                             dropout_mask=dropMaskOptional, draw_missing_seed=False, names=_GRAD_NAMES,
-                             allow_tnd=False)
+        prob = _problem(query, keyIn, value, pseShiftOptional, dropMaskOptional, paddingMaskOptional,
+                        attenMaskOptional, prefixOptional, qStartIdxOptional, kvStartIdxOptional, scaleValue,
+                        keepProb, preTokens, nextTokens, headNum, inputLayout, innerPrecise, sparseMode, pseType,
+                        _GRAD_NAMES)
         _check_grad_inputs(prob, dy, attentionInOptional, softmaxMaxOptional, softmaxSumOptional, _GRAD_NAMES)
         q, k, v = prob.inputs
         dq = _check_out(dqOut, "dqOut", tuple(q.shape), q.dtype, prob.device)
