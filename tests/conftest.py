@@ -377,3 +377,29 @@ def multi_block_case(name):
     if kw.get("pse") == "slopes":
         kw["pse"] = torch.tensor([0.01])
     return inp, kw
+
+
+def qkv_out_shapes(layout, b, n1, n2, sq, skv, d, dv=None):
+    """(query, key, value, attention_out) shapes of ``layout``; for TND sq/skv are T1/T2."""
+    dv = d if dv is None else dv
+    lay = layout.upper()
+    if lay == "BSH":
+        return (b, sq, n1 * d), (b, skv, n2 * d), (b, skv, n2 * dv), (b, sq, n1 * dv)
+    if lay == "SBH":
+        return (sq, b, n1 * d), (skv, b, n2 * d), (skv, b, n2 * dv), (sq, b, n1 * dv)
+    if lay == "BSND":
+        return (b, sq, n1, d), (b, skv, n2, d), (b, skv, n2, dv), (b, sq, n1, dv)
+    if lay == "BNSD":
+        return (b, n1, sq, d), (b, n2, skv, d), (b, n2, skv, dv), (b, n1, sq, dv)
+    if lay == "TND":
+        return (sq, n1, d), (skv, n2, d), (skv, n2, dv), (sq, n1, dv)
+    raise AssertionError(layout)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster, above all on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

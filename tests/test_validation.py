@@ -20,6 +20,8 @@ from typing import Callable
 import pytest
 import torch
 
+from conftest import qkv_out_shapes
+
 import fascore
 from fascore import FlashAttentionError
 
@@ -58,19 +60,7 @@ def rnd(*shape, dtype=F32):
 
 def layout_shapes(layout, b=B, n1=N1, n2=N2, sq=S, skv=S, d=D, dv=None):
     """(query, key, value, attention_out) shapes; for TND sq/skv are T1/T2."""
-    dv = d if dv is None else dv
-    lay = layout.upper()
-    if lay == "BSH":
-        return (b, sq, n1 * d), (b, skv, n2 * d), (b, skv, n2 * dv), (b, sq, n1 * dv)
-    if lay == "SBH":
-        return (sq, b, n1 * d), (skv, b, n2 * d), (skv, b, n2 * dv), (sq, b, n1 * dv)
-    if lay == "BSND":
-        return (b, sq, n1, d), (b, skv, n2, d), (b, skv, n2, dv), (b, sq, n1, dv)
-    if lay == "BNSD":
-        return (b, n1, sq, d), (b, n2, skv, d), (b, n2, skv, dv), (b, n1, sq, dv)
-    if lay == "TND":
-        return (sq, n1, d), (skv, n2, d), (skv, n2, dv), (sq, n1, dv)
-    raise AssertionError(layout)
+    return qkv_out_shapes(layout, b, n1, n2, sq, skv, d, dv)
 
 
 @functools.lru_cache(maxsize=None)
