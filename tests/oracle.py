@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 
 import torch
 
@@ -25,18 +26,18 @@ FLT_MAX = 3.4028234663852886e38
 INT32_MAX = 2147483647
 
 # ----------------------------------------------------------------------------------------------
-# Philox4x32-10 (Random123), pure Python integers.
+# Philox4x32 (Random123), pure Python integers, and SPEC section 5's dropout models.
 # ----------------------------------------------------------------------------------------------
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _U32 = 0xFFFFFFFF
 
 
-def philox4x32_10(counter, key):
-    """One Philox4x32 block with 10 rounds. counter: 4 uint32 ints, key: 2 uint32 ints."""
+def philox4x32(counter, key, rounds):
+    """One Philox4x32 block. counter: 4 uint32 ints (low word first), key: 2 uint32 ints."""
     c0, c1, c2, c3 = (int(x) & _U32 for x in counter)
     k0, k1 = (int(x) & _U32 for x in key)
-    for r in range(10):
+    for r in range(rounds):
         if r:
             k0 = (k0 + _W0) & _U32
             k1 = (k1 + _W1) & _U32
@@ -48,22 +49,52 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
-@functools.lru_cache(maxsize=64)
-def _philox_keep_cached(seed, offset, numels, threshold):
+def philox4x32_10(counter, key):
+    """Random123's default, 10 rounds (its published known-answer vectors)."""
+    return philox4x32(counter, key, 10)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ascend_block(seed, counter):
+    """The 16 element bytes of one counter value: Philox4x32-7, key (seed lo, seed hi), counter
+    (c lo, c hi, 0, 0); word w's little-endian bytes are elements 4w .. 4w+3."""
+    words = philox4x32((counter & _U32, (counter >> 32) & _U32, 0, 0), (seed & _U32, (seed >> 32) & _U32), 7)
+    return tuple((w >> (8 * k)) & 0xFF for w in words for k in range(4))
+
+
+def ascend_byte(seed, offset, e):
+    """Byte of stream element e: counter ceil(offset / 16) + e // 16, byte e % 16."""
     seed %= 1 << 64
-    key = (seed & _U32, (seed >> 32) & _U32)
-    bits = []
-    for blk in range((numels + 3) // 4):
-        c = offset + blk
-        words = philox4x32_10((c & _U32, (c >> 32) & _U32, 0, 0), key)
-        bits.extend(w < threshold for w in words)
-    return torch.tensor(bits[:numels], dtype=torch.bool)
+    return _ascend_block(seed, -(-offset // 16) + e // 16)[e % 16]
 
 
-def philox_keep_bits(seed, offset, numels, keep_prob):
-    """SPEC section 5 generated mask: bool [numels], True = keep."""
-    threshold = math.floor(keep_prob * 2.0**32)
-    return _philox_keep_cached(int(seed), int(offset), int(numels), threshold).clone()
+def keeps(byte, keep_prob):
+    """Element kept iff byte <= keep_prob * 255, compared as real numbers."""
+    return Fraction(byte) <= Fraction(keep_prob) * 255
+
+
+def ascend_keep_bits(seed, offset, keep_prob, geoms, N1):
+    """SPEC section 5's generated mask, in explicit-mask order f (bool [N1 * sum Sq_b*Skv_b]).
+
+    geoms: per batch (Sq_b, Skv_b). Element (b, n, i, j) is stream element
+    base_b + (n*Sq_b + i)*Skv16_b + j with rows padded to Skv16_b = 16*ceil(Skv_b/16) and
+    base_b = sum over earlier batches of N1*Sq_b'*Skv16_b'.
+    """
+    out, base = [], 0
+    for sq, skv in geoms:
+        row = -(-skv // 16) * 16
+        for n in range(N1):
+            for i in range(sq):
+                e0 = base + (n * sq + i) * row
+                out.extend(keeps(ascend_byte(seed, offset, e0 + j), keep_prob) for j in range(skv))
+        base += N1 * sq * row
+    return torch.tensor(out, dtype=torch.bool)
+
+
+def flat_keep_bits(seed, offset, numels, keep_prob):
+    """The flat model of _npu_dropout_gen_mask: stream element e = f (bool [numels])."""
+    return torch.tensor([keeps(ascend_byte(seed, offset, f), keep_prob) for f in range(numels)],
+                        dtype=torch.bool)
 
 
 def unpack_dropout_mask(mask, numels):
@@ -83,13 +114,14 @@ def pack_bits(keep):
     return (padded.view(-1, 8) * weights).sum(-1).to(torch.uint8)
 
 
-def dropout_keep(numels, keep_prob, dropout_mask=None, seed=0, offset=0):
-    """The keep pattern Z (bool [numels]) a torch-style call uses. keep_prob == 1: all ones."""
+def dropout_keep(geoms, N1, keep_prob, dropout_mask=None, seed=0, offset=0):
+    """The keep pattern Z (bool, order f) a torch-style call uses. keep_prob == 1: all ones."""
+    numels = N1 * sum(sq * skv for sq, skv in geoms)
     if keep_prob >= 1.0:
         return torch.ones(numels, dtype=torch.bool)
     if dropout_mask is not None:
         return unpack_dropout_mask(dropout_mask, numels)
-    return philox_keep_bits(seed, offset, numels, keep_prob)
+    return ascend_keep_bits(seed, offset, keep_prob, geoms, N1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +383,7 @@ def attention_oracle(query, key, value, head_num, input_layout, *, dtype=torch.f
     maxSkv = max([bq[3] for bq in batches], default=0)
 
     # ---- dropout keep pattern ------------------------------------------------------------
-    numels = N1 * sum(bq[1] * bq[3] for bq in batches)
-    keep = dropout_keep(numels, keep_prob, dropout_mask, seed, offset)
+    keep = dropout_keep([(bq[1], bq[3]) for bq in batches], N1, keep_prob, dropout_mask, seed, offset)
 
     # band batch of modes 7 / 8
     nonempty = [b for b in range(nb) if batches[b][1] > 0]

@@ -139,7 +139,7 @@ CASES = {
                                kw=dict(atten_mask="causal", sparse_mode=3, keep_prob=0.8, seed=1234, offset=7)),
     "dropout_drawn_seed_bnsd": dict(layout="BNSD", kw=dict(keep_prob=0.7)),
 }
-DRAW_SEED_RANK0 = 4321  # torch.manual_seed on rank 0 before a call with seed=offset=0
+DRAW_SEED_RANK0 = 4321  # fascore.manual_seed on rank 0 before a call with seed=0
 
 
 def _geometry(case, world_size):
@@ -180,7 +180,7 @@ def _run_ring(name, rank, world_size):
     lay, lb = c["layout"], c["lb"]
     qs, ks, vs = (fd.shard(t, lay, rank, world_size, lb).requires_grad_(True) for t in (q, k, v))
     if kw.get("keep_prob", 1.0) < 1.0 and "seed" not in kw:
-        torch.manual_seed(DRAW_SEED_RANK0 if rank == 0 else 1000 + rank)  # rank 0's draw must win
+        fascore.manual_seed(DRAW_SEED_RANK0 if rank == 0 else 1000 + rank)  # rank 0's draw must win
     out, smax, ssum = fd.ring_attention(qs, ks, vs, c["n1"], lay, load_balance=lb, **kw)
     out.backward(fd.shard(dy, lay, rank, world_size, lb))
     return dict(out=out.detach(), smax=smax, ssum=ssum, dq=qs.grad, dk=ks.grad, dv=vs.grad)
@@ -250,7 +250,7 @@ def _single(c, q, k, v, dy, kw):
 
 def _ring_dropout_keep(c, kw, seed, world_size):
     """The global [B, N1, Sq, Skv] keep mask of the ring's per-pair Philox streams (tests/oracle.py)."""
-    from oracle import philox_keep_bits
+    from oracle import ascend_keep_bits
     b, n1, s = c["b"], c["n1"], c["s"]
     nch = 2 * world_size if c["lb"] == "zigzag" else world_size
     cs = s // nch
@@ -258,8 +258,8 @@ def _ring_dropout_keep(c, kw, seed, world_size):
     for a in range(nch):
         for bb in range(nch):
             off = fd.pair_dropout_offset(kw.get("offset", 0), a, bb, nch, b, n1, cs, cs)
-            assert off == kw.get("offset", 0) + (a * nch + bb) * math.ceil(b * n1 * cs * cs / 4)
-            bits = philox_keep_bits(seed, off, b * n1 * cs * cs, kw["keep_prob"]).view(b, n1, cs, cs)
+            assert off == kw.get("offset", 0) + (a * nch + bb) * b * n1 * cs * (16 * math.ceil(cs / 16))
+            bits = ascend_keep_bits(seed, off, kw["keep_prob"], [(cs, cs)] * b, n1).view(b, n1, cs, cs)
             keep[:, :, a * cs:(a + 1) * cs, bb * cs:(bb + 1) * cs] = bits
     return keep
 
@@ -285,9 +285,8 @@ def test_ring_matches_full_sequence(world_size, name):
     assert ring["smax"].dtype == torch.float32 and tuple(ring["smax"].shape) == (c["b"], c["n1"], c["s"], 8)
     if kw.get("keep_prob", 1.0) < 1.0:
         seed = kw.get("seed")
-        if seed is None:  # drawn by rank 0 and broadcast
-            torch.manual_seed(DRAW_SEED_RANK0)
-            seed = int(torch.randint(1, 2**63 - 1, (1,), dtype=torch.int64).item())
+        if seed is None:  # rank 0's generator (seed, offset 0) broadcast
+            seed = DRAW_SEED_RANK0
         keep = _ring_dropout_keep(c, kw, seed, world_size)
         frac = keep.double().mean().item()
         sigma = math.sqrt(kw["keep_prob"] * (1 - kw["keep_prob"]) / keep.numel())

@@ -1,11 +1,15 @@
-"""Dropout (SPEC section 5): explicit bit-packed masks, the Philox4x32-10 generated mask,
-seed/offset handling."""
+"""Dropout (SPEC section 5): explicit bit-packed masks, Ascend's generated mask (Philox4x32-7,
+byte threshold, rows padded to 16), the emulated NPU generator, and the mask generators."""
+
+import math
 
 import pytest
 import torch
 
+import fascore
+
 from conftest import CAUSAL_MASK, call_forward, check_forward, cumsum, gen, make_qkv
-from oracle import attention_oracle, pack_bits, philox_keep_bits
+from oracle import ascend_keep_bits, attention_oracle, flat_keep_bits, pack_bits, unpack_dropout_mask
 
 pytestmark = pytest.mark.usefixtures("engine")
 
@@ -63,17 +67,18 @@ def identity_inputs(B, N1, Sq, Skv):
 
 @pytest.mark.parametrize("seed,offset,keep_prob", [
     (1, 0, 0.5),
-    (2**33 + 7, 3, 0.6),  # seed uses the key's high word; offset not a multiple of 4
-    (123456789, 2**32 - 3, 0.8),  # the counter crosses into its high word
+    (2**33 + 7, 3, 0.6),  # seed uses the key's high word; offset not a multiple of 16
+    (123456789, 16 * (2**32 - 1) - 5, 0.8),  # the counter crosses into its high word
     (-5, 9, 0.3),  # seed taken mod 2^64
+    (77, 32, 0.9),  # offset a multiple of 16
 ])
 def test_generated_mask_bit_exact(seed, offset, keep_prob):
-    B, N1, Sq, Skv = 2, 2, 5, 12
+    B, N1, Sq, Skv = 2, 2, 5, 12  # Skv not a multiple of 16: rows are padded in the numbering
     inp = identity_inputs(B, N1, Sq, Skv)
     res = call_forward("v2", inp, keep_prob=keep_prob, seed=seed, offset=offset)
-    assert res[5] == offset and res[6] == B * N1 * Sq * Skv
+    assert res[4] == seed and res[5] == offset and res[6] == B * N1 * Sq * Skv
     got = recover_bnsd(res[0], Skv, keep_prob)
-    want = philox_keep_bits(seed, offset, B * N1 * Sq * Skv, keep_prob).view(B, N1, Sq, Skv)
+    want = ascend_keep_bits(seed, offset, keep_prob, [(Sq, Skv)] * B, N1).view(B, N1, Sq, Skv)
     assert torch.equal(got, want), f"{(got != want).sum()} of {got.numel()} bits differ"
 
 
@@ -92,7 +97,7 @@ def test_generated_mask_tnd_indexing():
     res = call_forward("v2", inp, keep_prob=kp, seed=99, offset=1)
     numels = N1 * sum(a * b for a, b in zip(lq, lk))
     assert res[6] == numels
-    bits = philox_keep_bits(99, 1, numels, kp)
+    bits = ascend_keep_bits(99, 1, kp, list(zip(lq, lk)), N1)
     base = 0
     for b in range(4):
         if lq[b]:
@@ -120,35 +125,54 @@ def test_kept_fraction():
 
 
 # ----------------------------------------------------------------------------------------------
-# seed == offset == 0: drawn from torch's default generator
+# seed == 0: (seed, offset) from the emulated NPU generator (torch_npu's philox_engine_inputs(10))
 # ----------------------------------------------------------------------------------------------
-def test_drawn_seed_repeatable_and_fresh():
+def test_generator_manual_seed_and_offsets():
     inp = make_qkv("BNSD", B=1, N1=2, Sq=8, Skv=16, D=8, seed=9)
-    torch.manual_seed(1234)
+    fascore.manual_seed(2)
     r1 = call_forward("v2", inp, keep_prob=0.5)
-    torch.manual_seed(1234)
     r2 = call_forward("v2", inp, keep_prob=0.5)
-    r3 = call_forward("v2", inp, keep_prob=0.5)
-    assert (r1[4], r1[5]) != (0, 0)
-    assert (r1[4], r1[5]) == (r2[4], r2[5]) and torch.equal(r1[0], r2[0])
-    assert (r3[4], r3[5]) != (r1[4], r1[5]) and not torch.equal(r3[0], r1[0])
+    r3 = call_forward("v1", inp, keep_prob=0.5, offset=5)  # seed 0: the generator supplies both
+    assert (r1[4], r1[5]) == (2, 0) and (r2[4], r2[5]) == (2, 12) and (r3[4], r3[5]) == (2, 24)
+    assert not torch.equal(r1[0], r2[0])
     assert r1[6] == 2 * 8 * 16
+    call_forward("v2", inp, keep_prob=1.0)  # no dropout: the generator does not move
+    call_forward("v2", inp, keep_prob=0.5, seed=9, offset=0)  # a given seed: neither
+    assert call_forward("v2", inp, keep_prob=0.5)[4:6] == (2, 36)
+    fascore.manual_seed(2)
+    again = call_forward("v2", inp, keep_prob=0.5)
+    assert torch.equal(again[0], r1[0])
     # the returned seed/offset regenerate the identical mask
-    r4 = call_forward("v2", inp, keep_prob=0.5, seed=r1[4], offset=r1[5])
-    assert torch.equal(r4[0], r1[0])
-    ref = attention_oracle(**inp, keep_prob=0.5, seed=r1[4], offset=r1[5])[0]
-    torch.testing.assert_close(r1[0].double(), ref, rtol=1e-5, atol=1e-6)
+    r4 = call_forward("v2", inp, keep_prob=0.5, seed=r2[4], offset=r2[5])
+    assert torch.equal(r4[0], r2[0])
+    ref = attention_oracle(**inp, keep_prob=0.5, seed=r2[4], offset=r2[5])[0]
+    torch.testing.assert_close(r2[0].double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_drawn_seed_follows_decisions():
-    """README (Decisions): the seed is torch.randint(1, 2**63 - 1) from the default CPU generator,
-    offset stays 0."""
-    inp = make_qkv("BNSD", B=1, N1=1, Sq=4, Skv=4, D=4, seed=10)
-    torch.manual_seed(77)
-    expect = int(torch.randint(1, 2**63 - 1, (1,)))
-    torch.manual_seed(77)
-    res = call_forward("v2", inp, keep_prob=0.5)
-    assert res[4] == expect and res[5] == 0
+def test_generator_state_and_devices():
+    from fascore import generator
+    fascore.manual_seed(11)
+    g = generator.default_generator("cpu")
+    assert g.philox_engine_inputs(10) == (11, 0) and g.philox_engine_inputs(1) == (11, 12)
+    assert g.philox_engine_inputs(10) == (11, 16)  # 1 rounds up to 4
+    state = generator.get_rng_state()
+    assert state.dtype == torch.uint8 and state.numel() == 16
+    assert g.philox_engine_inputs(10) == (11, 28)
+    generator.set_rng_state(state)
+    assert g.philox_engine_inputs(10) == (11, 28)
+    other = generator.default_generator("cuda:1")  # one generator per device (no device needed)
+    assert other is not g and other.philox_engine_inputs(10) == (11, 0)
+    fascore.manual_seed(5, device="cpu")
+    assert g.philox_engine_inputs(10) == (5, 0) and other.philox_engine_inputs(10) == (11, 12)
+
+
+def test_generator_default_seed_in_a_fresh_process():
+    import subprocess
+    import sys
+    code = ("import torch, fascore; q = torch.randn(1, 1, 4, 4); "
+            "print(fascore.npu_fusion_attention(q, q, q, 1, 'BNSD', keep_prob=0.5)[4:6])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "(67280421310721, 0)"
 
 
 def test_seed_modulo_2_64():
@@ -177,3 +201,45 @@ def test_dropout_with_sink_and_invalid_rows():
     mask = pack_bits(torch.rand(48, generator=gen(14)) < 0.6)
     check_forward(inp, scale=0.5, keep_prob=0.6, dropout_mask=mask, atten_mask=CAUSAL_MASK,
                   sparse_mode=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch_npu's mask generators (flat model) and their use as dropout_mask
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,p,seed,offset", [
+    ([2, 3, 5, 7], 0.1, 3, 0), ([1, 1, 1, 300], 0.5, 2**40 + 1, 17), ([129], 0.75, 9, 48)])
+def test_npu_dropout_gen_mask_flat_model(size, p, seed, offset):
+    x = torch.empty(1)
+    mask = fascore._npu_dropout_gen_mask(x, size, p, seed, offset)
+    numel = math.prod(size)
+    assert mask.dtype == torch.uint8 and mask.shape == (-(-numel // 128) * 16,)
+    got = unpack_dropout_mask(mask, numel)
+    assert torch.equal(got, flat_keep_bits(seed, offset, numel, 1.0 - p))
+    assert (unpack_dropout_mask(mask, mask.numel() * 8)[numel:] == 0).all()  # padding bits clear
+    assert torch.equal(mask, fascore._npu_dropout_gen_mask(x, size, p, seed, offset, parallel=False, sync=True))
+
+
+def test_npu_dropout_gen_mask_draws_from_the_generator():
+    fascore.manual_seed(21)
+    a = fascore.npu_dropout_gen_mask([4, 40], 0.2)
+    b = fascore.npu_dropout_gen_mask([4, 40], 0.2, dtype=torch.float16, device="cpu")
+    assert torch.equal(a, fascore._npu_dropout_gen_mask(torch.empty(0), [4, 40], 0.2, 21, 0))
+    assert torch.equal(b, fascore._npu_dropout_gen_mask(torch.empty(0), [4, 40], 0.2, 21, 12))
+
+
+@pytest.mark.parametrize("layout", ["BNSD", "TND"])
+def test_gen_mask_as_dropout_mask(layout):
+    """Skv a multiple of 16: the flat and the padded numberings coincide, so the generated mask
+    fed back as dropout_mask reproduces the generated result; otherwise the two differ."""
+    kp, seed, offset = 0.7, 1234, 5
+    for skv, same in ((32, True), (20, False)):
+        if layout == "TND":
+            inp = make_qkv("TND", N1=2, D=8, seqlens_q=[3, 4], seqlens_kv=[skv, skv], seed=2)
+            numels = 2 * (3 + 4) * skv
+        else:
+            inp = make_qkv("BNSD", B=2, N1=2, Sq=6, Skv=skv, D=8, seed=2)
+            numels = 2 * 2 * 6 * skv
+        gen_res = call_forward("v2", inp, keep_prob=kp, seed=seed, offset=offset)
+        mask = fascore._npu_dropout_gen_mask(inp["query"], [numels], 1 - kp, seed, offset)
+        exp_res = call_forward("v2", inp, keep_prob=kp, dropout_mask=mask)
+        assert torch.equal(gen_res[0], exp_res[0]) is same

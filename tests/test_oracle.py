@@ -1,10 +1,11 @@
 """Self-tests of the oracle (tests/oracle.py).  They do not touch fascore.
 
-The oracle is checked against (a) published Philox known-answer vectors, (b) torch's own
+The oracle is checked against (a) published Philox known-answer vectors and SPEC section 5's stream, (b) torch's own
 scaled_dot_product_attention, (c) a scalar, loop-per-element re-statement of SPEC sections 3-5
 written separately below, and (d) hand-written "takes part" tables for every sparse mode."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 
 from conftest import cumsum, gen, layout_shape, make_qkv, randn
 from oracle import (FLT_MAX, attention_oracle, compressed_causal_mask, compressed_prefix_mask,
-                    pack_bits, philox4x32_10, philox_keep_bits, takes_part, tnd_batches,
-                    unpack_dropout_mask)
+                    ascend_byte, ascend_keep_bits, flat_keep_bits, pack_bits, philox4x32,
+                    philox4x32_10, takes_part, tnd_batches, unpack_dropout_mask)
 
 # ----------------------------------------------------------------------------------------------
 # Philox / bit packing
@@ -31,28 +32,47 @@ def test_philox_known_answers(ctr, key, expected):
     assert philox4x32_10(ctr, key) == expected
 
 
-def test_philox_keep_bits_mapping():
-    # seed 0 / offset 0 -> counter 0 key 0: words of the first KAT vector, threshold 2^31.
-    bits = philox_keep_bits(0, 0, 4, 0.5).tolist()
-    assert bits == [w < 2**31 for w in KAT[0][2]] == [True, False, False, False]
-    # key = (seed lo, seed hi), counter = (c lo, c hi, 0, 0), c = offset + f // 4
+def test_ascend_stream_mapping():
+    """SPEC section 5: key (seed lo, seed hi), 7 rounds, counter ceil(offset/16) + e // 16 as
+    (c lo, c hi, 0, 0), the 16 little-endian bytes of the 4 words are elements 16c .. 16c+15."""
     seed = (0x299F31D0 << 32) | 0xA4093822
-    offset = (7 << 32) | 0xFFFFFFFE
-    bits = philox_keep_bits(seed, offset, 10, 0.3)
-    thr = math.floor(0.3 * 2**32)
-    exp = []
-    for c in (offset, offset + 1, offset + 2):
-        exp += [w < thr for w in philox4x32_10((c & 0xFFFFFFFF, c >> 32, 0, 0),
-                                               (0xA4093822, 0x299F31D0))]
-    assert bits.tolist() == exp[:10]
-    # the counter's carry into the high word happens at offset + 2
-    assert philox4x32_10((0, 8, 0, 0), (0xA4093822, 0x299F31D0)) != \
-        philox4x32_10((0, 7, 0, 0), (0xA4093822, 0x299F31D0))
+    key = (0xA4093822, 0x299F31D0)
+    for offset in (0, 1, 15, 16, 17, 40):
+        c0 = -(-offset // 16)
+        words = philox4x32((c0, 0, 0, 0), key, 7)
+        want = [(w >> (8 * k)) & 0xFF for w in words for k in range(4)]
+        assert [ascend_byte(seed, offset, e) for e in range(16)] == want
+        words = philox4x32((c0 + 1, 0, 0, 0), key, 7)
+        assert ascend_byte(seed, offset, 16 + 5) == (words[1] >> 8) & 0xFF
+    # the counter carries into its high word: offset 16 * (2^32 - 1) starts at counter 2^32 - 1
+    off = 16 * (2**32 - 1)
+    assert ascend_byte(seed, off, 16) == philox4x32((0, 1, 0, 0), key, 7)[0] & 0xFF
+    assert ascend_byte(seed, off, 0) == philox4x32((0xFFFFFFFF, 0, 0, 0), key, 7)[0] & 0xFF
+    # 7 rounds differ from Random123's default 10
+    assert philox4x32((0, 0, 0, 0), (0, 0), 7) != philox4x32_10((0, 0, 0, 0), (0, 0))
     # seed taken mod 2^64
-    assert torch.equal(philox_keep_bits(-1, 3, 40, 0.5),
-                       philox_keep_bits(2**64 - 1, 3, 40, 0.5))
-    # kept fraction is about keep_prob
-    frac = philox_keep_bits(12345, 0, 8000, 0.25).float().mean().item()
+    assert ascend_byte(-1, 3, 7) == ascend_byte(2**64 - 1, 3, 7)
+
+
+def test_ascend_keep_threshold_and_padding():
+    """keep iff byte <= keep_prob * 255; rows numbered with Skv padded to 16."""
+    seed, offset, kp = 77, 5, 0.5
+    bits = ascend_keep_bits(seed, offset, kp, [(2, 3)], 2)  # N1 = 2, Sq = 2, Skv = 3 -> row 16
+    want = [ascend_byte(seed, offset, (n * 2 + i) * 16 + j) <= 127.5 for n in range(2) for i in range(2)
+            for j in range(3)]
+    assert bits.tolist() == want
+    # TND: batches follow each other, each N1 * Sq_b * Skv16_b
+    bits = ascend_keep_bits(seed, offset, kp, [(1, 17), (2, 2)], 1)
+    want = [ascend_byte(seed, offset, j) <= 127.5 for j in range(17)]
+    want += [ascend_byte(seed, offset, 32 + i * 16 + j) <= 127.5 for i in range(2) for j in range(2)]
+    assert bits.tolist() == want
+    # exact real comparison: the double nearest 1/255 lies just below it, so only byte 0 is kept
+    assert Fraction(1 / 255) * 255 < 1
+    bits = flat_keep_bits(seed, 0, 400, 1 / 255)
+    assert bits.tolist() == [ascend_byte(seed, 0, f) == 0 for f in range(400)] and any(bits.tolist())
+    bits = flat_keep_bits(seed, 0, 400, 0.75)  # 191.25
+    assert bits.tolist() == [ascend_byte(seed, 0, f) <= 191 for f in range(400)]
+    frac = flat_keep_bits(12345, 0, 8000, 0.25).float().mean().item()
     assert abs(frac - 0.25) < 0.03
 
 
@@ -274,7 +294,7 @@ def test_oracle_vs_scalar(Sq, Skv, mode, pse_type, pse_rows, use_sink, kp, pre, 
         if mode == 6:
             return j <= i + d or j < kw["prefix"][b]
 
-    keep = philox_keep_bits(99, 5, B * N1 * Sq * Skv, kp)
+    keep = ascend_keep_bits(99, 5, kp, [(Sq, Skv)] * B, N1)
     exp_out, exp_max, exp_sum = scalar_reference(
         q, k, v, scale=0.7, pse_type=pse_type if pse_type in (0, 1) else 0, bias=bias,
         allowed=allowed, sink=None if sink is None else sink.double().tolist(),

@@ -16,11 +16,13 @@ r and 2W-1-r (balances causal work), "contiguous" (C = W) gives chunk r. A rank'
 chunks in increasing global order.
 
 Dropout (keep_prob < 1): pair (query chunk a, key chunk b) of the global C x C chunk grid uses
-Philox with the call's seed and offset + (a*C + b) * ceil(B*N1*cq*ck / 4), elements numbered
-inside the pair as in SPEC §5. The masks are a deterministic function of (seed, offset, W,
-load_balance), the same in forward and backward, but differ from the single-process op's mask
-for the same seed (SPEC's element numbering is global). With seed == offset == 0 rank 0 of the
-group draws the seed (``torch.randint(1, 2**63 - 1)``) and broadcasts it.
+SPEC §5's generated mask with the call's seed and offset + (a*C + b) * B*N1*cq*pad16(ck) (the
+pair's element count in the padded numbering, a multiple of 16, so pairs use disjoint Philox
+counters), elements numbered inside the pair as in SPEC §5. The masks are a deterministic
+function of (seed, offset, W, load_balance), the same in forward and backward, but differ from
+the single-process op's mask for the same seed (SPEC's element numbering is global). With
+seed == 0 every rank draws (seed, offset) from its emulated NPU generator
+(``philox_engine_inputs(10)``, as the local op would) and rank 0's pair is broadcast.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .api import npu_fusion_attention_grad_v2, npu_fusion_attention_v2
-from .dropout import draw_seed
+from .dropout import pad16
 from .errors import invalid
+from .generator import default_generator
 from .layouts import from_bnsd, to_bnsd
 from .ring import FLT_MAX, _weights
 from .validation import build_problem
@@ -147,7 +150,7 @@ def unshard(shards: Any, input_layout: str, load_balance: str = "zigzag") -> Ten
 def pair_dropout_offset(offset: int, q_chunk: int, k_chunk: int, num_chunks: int, batch: int, n1: int,
                         cq: int, ck: int) -> int:
     """Philox offset of the (global query chunk, global key chunk) pair (see module docstring)."""
-    return offset + (q_chunk * num_chunks + k_chunk) * (-(-batch * n1 * cq * ck // 4))
+    return offset + (q_chunk * num_chunks + k_chunk) * batch * n1 * cq * pad16(ck)
 
 
 # --------------------------------------------------------------------------- plan
@@ -405,14 +408,14 @@ def _check_consistent(plan: _Plan, query: Tensor, key: Tensor, value: Tensor) ->
 
 
 def _resolve_seed(plan: _Plan, device: torch.device) -> None:
-    if plan.keep_prob >= 1.0 or plan.seed != 0 or plan.offset != 0:
+    if plan.keep_prob >= 1.0 or plan.seed != 0:
         return
-    seed = draw_seed()
+    seed, offset = default_generator(device).philox_engine_inputs(10)
     if plan.world > 1:
-        t = torch.tensor([seed], dtype=torch.int64, device=device)
+        t = torch.tensor([seed - (1 << 64) if seed >= 1 << 63 else seed, offset], dtype=torch.int64, device=device)
         dist.broadcast(t, dist.get_global_rank(plan.group, 0), group=plan.group)
-        seed = int(t.item())
-    plan.seed = seed
+        seed, offset = int(t[0]) % (1 << 64), int(t[1])
+    plan.seed, plan.offset = seed, offset
 
 
 # --------------------------------------------------------------------------- forward / backward

@@ -1,18 +1,29 @@
-"""Dropout keep masks: Philox4x32-10 (Random123) bits and bit-packed explicit masks (SPEC §5).
+"""Dropout keep masks (SPEC §5): Ascend's Philox byte model and bit-packed explicit masks.
 
-Bit ``f`` of the keep mask is a pure function of (seed, offset, f) or of the explicit mask's
-bytes, so any tile of it can be produced on its own, on any device, in any order.
+Generated masks follow Ascend's model: Philox4x32 with 7 rounds under key (seed lo, seed hi);
+the 128-bit counter starts at ceil(offset / 16) and grows by one per 16 mask elements; the 16
+little-endian bytes of a counter's 4 output words are the bytes of 16 consecutive elements, and
+an element is kept iff its byte <= keep_prob * 255. Element numbers come from the segment's
+``Dropout`` (rows padded to 16 for generated masks, unpadded for explicit ones), so any tile of
+the mask is a pure function of (seed, offset, element) and can be produced on its own, on any
+device, in any order.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
+__all__ = ["ROUNDS", "Dropout", "philox4x32", "keep_threshold", "counter_base", "stream_keep", "pad16"]
+
+ROUNDS = 7  # Ascend's Philox rounds (Random123's default is 10)
 _M32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_BYTE_SHIFTS = (0, 8, 16, 24)
 
 
 def _mulhilo(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -25,11 +36,12 @@ def _mulhilo(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
     return (p >> 32) & _M32, p & _M32
 
 
-def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
-    """Philox4x32-10 of ``counter`` ([..., 4] int64 holding uint32 words) under ``key``."""
+def philox4x32(counter: Tensor, key: tuple[int, int], rounds: int = ROUNDS) -> Tensor:
+    """Philox4x32 (Random123's round function and key schedule) of ``counter`` ([..., 4] int64
+    holding uint32 words, low word first) under ``key``; ``rounds`` rounds."""
     c0, c1, c2, c3 = counter.unbind(-1)
     k0, k1 = key[0] & _M32, key[1] & _M32
-    for r in range(10):
+    for r in range(rounds):
         if r:
             k0, k1 = (k0 + _PHILOX_W0) & _M32, (k1 + _PHILOX_W1) & _M32
         hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
@@ -38,49 +50,64 @@ def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
     return torch.stack((c0, c1, c2, c3), -1)
 
 
+def keep_threshold(keep_prob: float) -> int:
+    """The largest byte that is kept: floor(keep_prob * 255), computed exactly."""
+    return math.floor(Fraction(keep_prob) * 255)
+
+
+def counter_base(offset: int) -> int:
+    """The Philox counter of element 0: ceil(offset / 16)."""
+    return -(-offset // 16)
+
+
+def pad16(n: int) -> int:
+    """Row length of the generated numbering: ``n`` rounded up to a multiple of 16."""
+    return -(-n // 16) * 16
+
+
+def stream_keep(seed: int, offset: int, keep_prob: float, first: Tensor, width: int) -> Tensor:
+    """Keep bits of elements ``first[..., None] + arange(width)`` of the stream (bool [..., width])."""
+    dev = first.device
+    seed %= 1 << 64
+    c_first = counter_base(offset) + (first >> 4)
+    n_ctr = (width + 15) // 16 + 1  # counters a row of ``width`` elements can touch
+    c = c_first.unsqueeze(-1) + torch.arange(n_ctr, dtype=torch.int64, device=dev)
+    zero = torch.zeros_like(c)
+    words = philox4x32(torch.stack((c & _M32, (c >> 32) & _M32, zero, zero), -1), (seed, seed >> 32))
+    shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.int64, device=dev)
+    data = ((words.unsqueeze(-1) >> shifts) & 0xFF).flatten(-3)  # [..., n_ctr * 16] bytes in element order
+    idx = (first & 15).unsqueeze(-1) + torch.arange(width, dtype=torch.int64, device=dev)
+    return data.gather(-1, idx) <= keep_threshold(keep_prob)
+
+
 @dataclass(frozen=True)
 class Dropout:
-    """Keep mask of one segment: element (b, n, i, j) has index base[b] + (n*Sq + i)*Skv + j.
+    """Keep mask of one segment: element (b, n, i, j) has number ``base[b] + (n*sq + i)*row + j``.
 
-    Exactly one source: ``bits`` (flat uint8, bit f % 8 of byte f // 8, 1 = keep) or Philox
-    (``seed``, ``offset``; keep iff word < floor(keep_prob * 2**32)).
+    Exactly one source: ``bits`` (explicit mask: flat uint8, bit e % 8 of byte e // 8, 1 = keep;
+    ``row`` = Skv) or the Philox stream (``seed``, ``offset``; ``row`` = Skv padded to 16).
     """
 
     keep_prob: float
-    base: tuple[int, ...]  # element index of (b, 0, 0, 0) for each batch of the segment
+    base: tuple[int, ...]  # number of element (b, 0, 0, 0) for each batch of the segment
     sq: int
-    skv: int
+    row: int
     bits: Tensor | None = None
     seed: int = 0
     offset: int = 0
+
+    @property
+    def threshold(self) -> int:
+        return keep_threshold(self.keep_prob)
 
     def keep(self, n1: int, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor:
         """Boolean keep tile [B, n1, i1 - i0, j1 - j0]."""
         base = torch.tensor(self.base, dtype=torch.int64, device=device)
         n = torch.arange(n1, dtype=torch.int64, device=device)
         i = torch.arange(i0, i1, dtype=torch.int64, device=device)
-        row0 = base[:, None, None] + (n[None, :, None] * self.sq + i[None, None, :]) * self.skv + j0
-        w = j1 - j0
-        cols = torch.arange(w, dtype=torch.int64, device=device)
-        if self.bits is not None:
-            f = row0.unsqueeze(-1) + cols
-            byte = self.bits[f >> 3].to(torch.int64)
-            return ((byte >> (f & 7)) & 1).bool()
-        # One Philox call yields the words of 4 consecutive elements: run it once per counter
-        # that the row touches, then pick each element's word.
-        k = (w + 6) // 4
-        c = self.offset + (row0 >> 2).unsqueeze(-1) + torch.arange(k, dtype=torch.int64, device=device)
-        zero = torch.zeros_like(c)
-        words = philox4x32_10(torch.stack((c & _M32, (c >> 32) & _M32, zero, zero), -1), (self.seed, self.seed >> 32))
-        words = words.flatten(-2)
-        words = words.gather(-1, (row0 & 3).unsqueeze(-1) + cols)
-        return words < threshold(self.keep_prob)
-
-
-def threshold(keep_prob: float) -> int:
-    return int(keep_prob * 2**32)
-
-
-def draw_seed() -> int:
-    """A seed from torch's default CPU generator (torch.manual_seed makes it repeatable)."""
-    return int(torch.randint(1, 2**63 - 1, (1,), dtype=torch.int64).item())
+        first = base[:, None, None] + (n[None, :, None] * self.sq + i[None, None, :]) * self.row + j0
+        if self.bits is None:
+            return stream_keep(self.seed, self.offset, self.keep_prob, first, j1 - j0)
+        f = first.unsqueeze(-1) + torch.arange(j1 - j0, dtype=torch.int64, device=device)
+        byte = self.bits[f >> 3].to(torch.int64)
+        return ((byte >> (f & 7)) & 1).bool()

@@ -23,9 +23,9 @@ implementation (an ``autograd.Function``; no dispatcher overhead) and switch to 
 The 7-tuple's ``seed``, ``offset`` and ``numels`` are Python ints, which an op cannot return:
 on the op path ``numels`` is computed from the shapes in Python, and ``seed``/``offset`` go into
 the op as ints. Dropout (``keep_prob < 1``) without ``dropout_mask`` under torch.compile or fake
-tensors needs an explicit seed (``seed != 0`` or ``offset != 0``): drawing a seed is a host-side
-random draw that a graph cannot return as an int, so a call with ``seed == offset == 0`` there
-raises ``FlashAttentionError`` (under torch.compile Dynamo wraps it in a ``TorchRuntimeError``
+tensors needs an explicit seed (``seed != 0``): advancing the emulated NPU generator is a host-side
+side effect that a graph cannot return as an int, so a call with ``seed == 0`` there raises
+``FlashAttentionError`` (under torch.compile Dynamo wraps it in a ``TorchRuntimeError``
 whose message quotes it). In eager mode through the ops the seed is drawn before the op, as
 without them.
 
@@ -153,10 +153,10 @@ def _out_shapes(query: Tensor, key: Tensor, value: Tensor, head_num: int, layout
 
 
 def _need_seed(keep_prob: float, dropout_mask: Optional[Tensor], seed: int, offset: int) -> None:
-    if keep_prob < 1.0 and dropout_mask is None and seed == 0 and offset == 0:
-        raise invalid("keep_prob < 1 with seed=0 and offset=0 under torch.compile / fake tensors: the seed "
-                      "cannot be drawn inside a traced graph; pass an explicit seed (or offset), or a "
-                      "dropout_mask")
+    if keep_prob < 1.0 and dropout_mask is None and seed == 0:
+        raise invalid("keep_prob < 1 with seed=0 under torch.compile / fake tensors: the emulated NPU generator "
+                      "cannot be advanced inside a traced graph; pass an explicit seed (non-zero, with its offset), "
+                      "or a dropout_mask")
 
 
 # --------------------------------------------------------------------------- forward op
@@ -173,8 +173,8 @@ def fusion_attention_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FlashAttentionScore forward: ``(attention_out, softmax_max, softmax_sum)``, contiguous.
 
-    ``seed``/``offset`` are used as given (no seed is drawn: seed == offset == 0 with dropout and
-    no dropout_mask is an error). ``api`` ("v1"/"v2") only chooses the parameter spelling of
+    ``seed``/``offset`` are used as given (no seed is drawn: seed == 0 with dropout and no
+    dropout_mask is an error). ``api`` ("v1"/"v2") only chooses the parameter spelling of
     error messages.
     """
     _need_seed(keep_prob, dropout_mask, seed, offset)

@@ -14,8 +14,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .dropout import Dropout, draw_seed
+from .dropout import Dropout, pad16
 from .errors import invalid, nullptr
+from .generator import default_generator
 from .layouts import LAYOUTS, Batch, tnd_batches, tnd_rows, to_bnsd
 from .masks import MaskSpec
 from .problem import Problem, Segment
@@ -442,8 +443,8 @@ def build_problem(
             if bits.numel() < need:
                 raise invalid(f"{nm['dropout_mask']} has {bits.numel()} bytes: needs at least ceil({numels}/8)={need}")
             bits = bits.reshape(-1)
-        elif seed_i == 0 and off_i == 0 and draw_missing_seed:
-            seed_i = draw_seed()
+        elif seed_i == 0 and draw_missing_seed:  # torch_npu: the device's generator supplies both
+            seed_i, off_i = default_generator(device).philox_engine_inputs(10)
 
     # Segments.
     def mask_spec(gq: int, gk: int, m: int, explicit: Tensor | None, pfx: tuple[int, ...] | None) -> MaskSpec:
@@ -477,10 +478,13 @@ def build_problem(
             return AlibiPse(s, 0 if use0 else qs, 0 if use0 else ks, ptype == 3)
         return None
 
+    def row_len(gk: int) -> int:  # explicit masks number rows of Skv; generated ones pad rows to 16
+        return gk if bits is not None else pad16(gk)
+
     def dropout_for(base: tuple[int, ...], gq: int, gk: int) -> Dropout | None:
         if kp >= 1.0:
             return None
-        return Dropout(kp, base, gq, gk, bits=bits, seed=seed_i, offset=off_i)
+        return Dropout(kp, base, gq, row_len(gk), bits=bits, seed=seed_i, offset=off_i)
 
     segments: list[Segment] = []
     if layout != "TND":
@@ -495,7 +499,7 @@ def build_problem(
             explicit = mask if mask.dim() == 4 else mask.view(1, 1, sq, skv)
         spec = mask_spec(sq, skv, mode, explicit, tuple(prefix_l) if prefix_l else None)
         segments.append(Segment(q4, k4, v4, spec, pse_for(slice(None), sq, 0), slice(None),
-                                dropout_for(tuple(x * n1 * sq * skv for x in range(b)), sq, skv)))
+                                dropout_for(tuple(x * n1 * sq * row_len(skv) for x in range(b)), sq, skv)))
         out_shape = list(query.shape[:-1]) + [n1 * dv if layout in ("BSH", "SBH") else dv]
         stats_shape = (b, n1, sq, 8)
     else:
@@ -522,7 +526,7 @@ def build_problem(
                 segments.append(Segment(q4, k4, v4, mask_spec(x.sq, x.skv, m, explicit, pfx),
                                         pse_for(bsel, x.sq, x.index), bsel if pse_t is not None and pse_t.shape[0] > 1 else slice(None),
                                         dropout_for((base,), x.sq, x.skv), x))
-            base += n1 * x.sq * x.skv
+            base += n1 * x.sq * row_len(x.skv)
         out_shape = [sq, n1, dv]
         stats_shape = (sq, n1, 8)
     return Problem(layout, n1, n2, d, dr, dv, scale_f, kp, sink, query.dtype, device, segments,
