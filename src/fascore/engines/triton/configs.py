@@ -1,0 +1,95 @@
+"""Fixed kernel configurations: one per (arch, dtype class, padded head dim), no autotuning.
+
+Autotuning picks a configuration by timing, which changes the reduction order (and so the bits)
+from one process to the next; a fixed table keeps every result bitwise repeatable on a given
+machine and software stack. Entries are (BM, BN, num_warps, num_stages): BM query rows and BN key
+columns per tile. ``tests/test_triton_aot.py`` compiles every GPU entry for sm_80 and sm_90 and
+fails on register spills.
+
+Keys: arch "sm80" (A100 class, sm_80..sm_89), "sm90" (H100/H200 and newer), "interp"
+(``TRITON_INTERPRET=1`` on CPU tensors: small tiles, so that small test problems span several
+tiles); dtype class "half" (float16, bfloat16) or "f32" (float32, IEEE products); BD = head dim
+padded to a power of two (16..256). The dpse kernel needs BM == BN (its TND mode reads
+[BM, BM + BN] tiles).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tile:
+    bm: int
+    bn: int
+    warps: int
+    stages: int
+
+
+@dataclass(frozen=True)
+class Config:
+    fwd: Tile
+    kv: Tile  # dK/dV kernel: BN keys per program, BM query rows per inner step
+    q: Tile  # dQ kernel
+    pse: Tile  # dpse kernel (bm == bn)
+    pre: Tile  # row preprocessing (bn unused)
+
+
+def _c(fwd, kv, q, pse, pre=(64, 0, 4, 1)) -> Config:
+    return Config(Tile(*fwd), Tile(*kv), Tile(*q), Tile(*pse), Tile(*pre))
+
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+TABLE: dict[tuple[str, str, int], Config] = {
+    # ----------------------------------------------------------------- sm90 (H100, H200)
+    ("sm90", "half", 16): _c((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1)),
+    ("sm90", "half", 32): _c((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1)),
+    ("sm90", "half", 64): _c((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1)),
+    ("sm90", "half", 128): _c((128, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)),
+    ("sm90", "half", 256): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm90", "f32", 16): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm90", "f32", 32): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm90", "f32", 64): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm90", "f32", 128): _c((32, 32, 4, 2), (32, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)),
+    ("sm90", "f32", 256): _c((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+    # ----------------------------------------------------------------- sm80 (A100 class)
+    ("sm80", "half", 16): _c((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1)),
+    ("sm80", "half", 32): _c((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1)),
+    ("sm80", "half", 64): _c((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1)),
+    ("sm80", "half", 128): _c((128, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)),
+    ("sm80", "half", 256): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm80", "f32", 16): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm80", "f32", 32): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm80", "f32", 64): _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("sm80", "f32", 128): _c((32, 32, 4, 2), (32, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)),
+    ("sm80", "f32", 256): _c((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+}
+# The interpreter: tiles of 16 (forward and dQ 16 x 32, dK/dV 32 x 16: BM != BN is exercised).
+for _bd in HEAD_DIMS:
+    for _dt in ("half", "f32"):
+        TABLE[("interp", _dt, _bd)] = _c((16, 32, 1, 1), (16, 32, 1, 1), (16, 32, 1, 1), (16, 16, 1, 1),
+                                         (16, 0, 1, 1))
+
+
+def padded_dim(d: int) -> int:
+    p = 16
+    while p < d:
+        p *= 2
+    return p
+
+
+def arch_of(capability: tuple[int, int] | None) -> str | None:
+    """Table arch for a CUDA compute capability (None: the interpreter); None if unsupported."""
+    if capability is None:
+        return "interp"
+    major, minor = capability
+    if major >= 9:
+        return "sm90"
+    if major == 8:
+        return "sm80"
+    return None
+
+
+def lookup(arch: str, half: bool, d: int) -> Config | None:
+    bd = padded_dim(d)
+    return TABLE.get((arch, "half" if half else "f32", bd))
