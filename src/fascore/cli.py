@@ -252,6 +252,33 @@ def info() -> None:
     console.print(table)
 
 
+# --------------------------------------------------------------------------- compare (issue 16; begin)
+# The command lives in fascore/tools/compare.py; this block only declares its options.
+@app.command("compare")
+def compare_cmd(path: Path = typer.Argument(..., help="An msprobe dump directory (dump.json) or a fascore replay "
+                                                      "bundle (fascore_bundle.json)."),
+                out: Optional[Path] = typer.Option(Path("compare_out"), "--out", help="Directory for the heatmap PNGs."),
+                json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+                engine: Optional[str] = typer.Option(None, help="Baseline engine (default: fascore's default)."),
+                device: str = typer.Option("cpu", help="Device of the baseline engine (the reference runs on CPU)."),
+                block: int = typer.Option(128, help="Rows per query/key block in the tile statistics."),
+                match: Optional[str] = typer.Option(None, help="Only calls whose name matches this regex."),
+                limit: Optional[int] = typer.Option(None, help="At most this many calls."),
+                heatmaps: bool = typer.Option(True, help="Write heatmap PNGs."),
+                diagnose: bool = typer.Option(True, help="Try likely causes of calls out of bounds.")) -> None:
+    """Check recorded npu_fusion_attention calls (an NPU run) against fascore's float64 reference.
+
+    Per call: SPEC 7's bounds on attention_out, softmax_max/sum and the gradients, where they
+    diverge (heads, query/key blocks, NaN rows, invalid rows), a verdict and heatmaps. Exit code
+    1 when a call is out of bounds, 2 on usage errors.
+    """
+    from fascore.tools.compare import compare_command
+
+    raise typer.Exit(compare_command(path, out, json_out, engine=engine, device=device, block=block, match=match,
+                                     limit=limit, heatmaps=heatmaps, diagnose=diagnose, console=console))
+# --------------------------------------------------------------------------- compare (issue 16; end)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point (``fascore``)."""
     app(args=argv, prog_name="fascore")

@@ -1,0 +1,1 @@
+"""fascore user tools: capture (replay bundles) and compare (NPU runs against the exact reference)."""
