@@ -100,7 +100,7 @@ def not_supported_reasons(seg: fa.Segment, prob: fa.Problem) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 def _config(device: torch.device, dtype: torch.dtype, d: int, dv: int) -> "configs.Config":
     arch = _arch(device)
-    cfg = configs.lookup(arch, dtype != torch.float32, max(d, dv)) if arch else None
+    cfg = configs.current_override() or (configs.lookup(arch, dtype != torch.float32, max(d, dv)) if arch else None)
     if cfg is None:
         raise RuntimeError(f"triton engine: no kernel configuration for {device}, {dtype}, D={d}, Dv={dv}")
     return cfg
@@ -205,6 +205,7 @@ class _Args:
             self.thr = int(dr.threshold)
             self.inv_keep = 1.0 / float(dr.keep_prob)
         self.scale = float(prob.scale)
+        self.split = prob.dtype != torch.float32
 
     # ----------------------------------------------------------------- pieces of the argument lists
     def common(self) -> dict:
@@ -268,7 +269,7 @@ def _launch_fwd(a: _Args, q: Tensor, k: Tensor, v: Tensor, out: Tensor, m: Tenso
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *sm,
         ssl_b=a.ssl[0], ssl_n=a.ssl[1], NBH=nb * a.n1, N1=a.n1, ADELTA=a.adelta,
         BM=t.bm, BN=t.bn, HAS_SINK=a.sink is not None, VARLEN=tab is not None, COPIES=copies,
-        REVERSE=a.reverse, num_warps=t.warps, num_stages=t.stages, **a.common())
+        REVERSE=a.reverse, SPLIT_P=a.split, num_warps=t.warps, num_stages=t.stages, **a.common())
 
 
 # --------------------------------------------------------------------------- backward

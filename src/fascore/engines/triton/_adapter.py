@@ -10,3 +10,4 @@ from ...masks import EMPTY, FULL, PARTIAL, UNBOUNDED, MaskSpec, plan_blocks  # n
 from ...problem import Problem, Segment  # noqa: F401
 from ...pse import AlibiPse, CompressedPse, DensePse  # noqa: F401
 from ...rows import FLT_MAX  # noqa: F401
+from ...validation import build_problem  # noqa: F401  (tests and the GPU check)

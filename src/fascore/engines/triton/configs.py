@@ -14,7 +14,9 @@ padded to a power of two (16..256). The dpse kernel needs BM == BN (its TND mode
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,20 @@ def arch_of(capability: tuple[int, int] | None) -> str | None:
 def lookup(arch: str, half: bool, d: int) -> Config | None:
     bd = padded_dim(d)
     return TABLE.get((arch, "half" if half else "f32", bd))
+
+
+_override: list[Config] = []
+
+
+@contextlib.contextmanager
+def override(cfg: Config) -> Iterator[None]:
+    """Use ``cfg`` for every launch in this block (tests and experiments; not thread-safe)."""
+    _override.append(cfg)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def current_override() -> Config | None:
+    return _override[-1] if _override else None

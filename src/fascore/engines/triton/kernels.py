@@ -210,7 +210,7 @@ def fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     PSE_KIND: tl.constexpr, PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PFX: tl.constexpr,
     HAS_SINK: tl.constexpr, DROP: tl.constexpr, VARLEN: tl.constexpr, COPIES: tl.constexpr,
-    PREC: tl.constexpr, REVERSE: tl.constexpr,
+    PREC: tl.constexpr, REVERSE: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     b, n, ok = _bh(N1, NBH)
     q_row0, k_row0, sq, skv, lo, hi, pfx, mi0, mj0, adelta, dbase, drow, soff, ssn, poff, pb = _seg(
@@ -283,7 +283,10 @@ def fwd_kernel(
             if DROP != 0:
                 kp = _keep(i, j, j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP, BM, BN, True)
                 p = tl.where(kp, p, 0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            p_hi = p.to(v.dtype)
+            acc = tl.dot(p_hi, v, acc, input_precision=PREC)
+            if SPLIT_P:
+                acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc, input_precision=PREC)
             m_i = m_new
         valid = m_i != float("-inf")
         if HAS_SINK:
