@@ -489,7 +489,7 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
     err = (x4 - r4).abs()
     err = torch.where(torch.isnan(x4) & ~torch.isnan(r4), torch.full_like(err, math.inf), err)
     err = torch.where(torch.isnan(err) & (x4 == r4), torch.zeros_like(err), err)  # both inf, same sign
-    err = torch.nan_to_num(err, nan=math.inf)
+    err = torch.nan_to_num(err, nan=math.inf, posinf=math.inf)
     if rule.startswith("stat"):
         sentinel = r4.abs() == FLT_MAX
         err = torch.where(sentinel, torch.where(x4 == r4, torch.zeros_like(err), torch.full_like(err, math.inf)), err)
@@ -503,16 +503,16 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
         rep.bound = float(ratio.max()) if ratio.numel() else 0.0  # largest err / tol
         rep.ok = not bool(beyond.any())
         if s4 is not None:
-            rep.ref_same_err = float(((s4 - r4).abs() * ~sentinel).nan_to_num(nan=math.inf).max()) if err.numel() else 0.0
+            rep.ref_same_err = float(((s4 - r4).abs() * ~sentinel).nan_to_num(nan=math.inf, posinf=math.inf).max()) if err.numel() else 0.0
         if l4 is not None:
-            le = (l4 - r4).abs().nan_to_num(nan=math.inf)
+            le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
             le = torch.where(sentinel, torch.where(l4 == r4, torch.zeros_like(le), torch.full_like(le, math.inf)), le)
             rep.fascore_err = float(le.max()) if le.numel() else 0.0
             rep.fascore_ok = bool((le <= tol).all())
     else:
         factor = 2.0 if rule == "out" else 3.0
         fin = finite_ref
-        same = float((s4 - r4).abs()[fin].nan_to_num(nan=math.inf).max()) if s4 is not None and bool(fin.any()) else 0.0
+        same = float((s4 - r4).abs()[fin].nan_to_num(nan=math.inf, posinf=math.inf).max()) if s4 is not None and bool(fin.any()) else 0.0
         scale = max(1.0, float(r4.abs()[fin].max())) if bool(fin.any()) else 1.0
         bound = factor * same + EPS.get(dtype, 1e-5) * scale
         beyond = ~(err <= bound)
@@ -528,7 +528,7 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
             if frac > 0.005:
                 rep.ok = False
         if l4 is not None:
-            le = (l4 - r4).abs().nan_to_num(nan=math.inf)
+            le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
             rep.fascore_err = float(le.max()) if le.numel() else 0.0
             rep.fascore_ok = rep.fascore_err <= bound
     rep.n_beyond = int(beyond.sum())
@@ -555,7 +555,7 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
     cnt = _row_block_sum(beyond.to(torch.float64), opts.block)  # [B, N, nb]
     rep.block_beyond = cnt.sum(0).long().tolist()
     rep.bad_blocks = sorted({int(i) for i in torch.nonzero(cnt.sum((0, 1)) > 0).reshape(-1).tolist()})
-    rat = torch.nan_to_num(ratio, nan=math.inf)
+    rat = torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
     if role == "pse":
         tiles = _tiles(rat, opts.block)  # [B, N, nbq, nbk]
         bad = torch.nonzero(tiles > 1)
@@ -1015,7 +1015,7 @@ def diagnose(api: str, named: dict, outputs: list, r64: Any, call: CallReport, g
             continue
         if tuple(ra[0].shape) != tuple(x64.shape):
             continue
-        err = (x64 - ra[0].double()).abs().nan_to_num(nan=math.inf)
+        err = (x64 - ra[0].double()).abs().nan_to_num(nan=math.inf, posinf=math.inf)
         e = float(err.max()) if err.numel() else 0.0
         thr = torch.maximum(0.005 * ra[0].double().abs(), torch.full_like(err, 2.5e-5))
         frac = float((err > thr).double().mean()) if err.numel() else 0.0
@@ -1060,6 +1060,7 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     ts = [t for t in call.tensors if t.block_max]
     if not ts:
@@ -1077,8 +1078,7 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
         if bound_cell:
             lo, hi = min(lo, bound_cell / 100), max(hi, bound_cell * 2)
         data = np.ma.masked_invalid(np.where(m > 0, m, lo))
-        cmap = plt.get_cmap("magma_r").copy()
-        cmap.set_bad("#00b3ff")  # NaN / inf cells
+        cmap = plt.get_cmap("magma_r").with_extremes(bad="#00b3ff")  # NaN / inf cells
         im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, norm=LogNorm(vmin=lo, vmax=hi),
                        origin="upper")
         bad = np.array(t.block_beyond, dtype=float) > 0 if t.block_beyond else np.zeros_like(m, dtype=bool)
@@ -1088,6 +1088,8 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
         xlabel = f"{'key' if t.row_axis == 'key' else t.row_axis} block ({t.block} rows)"
         ylabel = "kv head" if t.row_axis == "key" else "head"
         title = f"{t.name}: max|err| {t.max_err:.2e}" + (f", bound {t.bound:.1e}" if bound_cell else "")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9, color="black" if t.ok else "#c00000")
