@@ -1,0 +1,122 @@
+"""The native CPU engine: one fused C++ pass per forward / backward (FlashAttention-2).
+
+Engine contract as ``fascore.reference``: ``forward(seg, prob)``, ``backward(seg, prob, dy, out,
+m, l, dpse, dsink)``, ``workspace_bytes(seg, prob, backward)``; plus ``not_supported_reasons``,
+``available``, ``build`` and ``status`` for the dispatcher and the CLI.
+
+What runs (``csrc/``): per segment one pass over (batch, kv head, query block) work items
+(forward) or (batch, kv head) items (backward), on ``at::parallel_for``. Operands of any layout
+are read through their strides and converted to float32 per tile; logits, statistics and
+accumulators are float32 (SPEC 3). The block plan skips EMPTY tiles and does no mask work on FULL
+ones (band / prefix analytic, explicit masks summarised per tile); every pse form, sink, invalid
+rows and SPEC 5's Philox (7 rounds, Ascend's byte model) are computed inside the kernel. The GEMMs
+are the engine's own register-blocked float32 micro-kernels (AVX2 + FMA where the CPU has them,
+detected at run time; a portable build otherwise), single-threaded inside a work item, so results
+are bitwise identical for any thread count. What the engine does not support (float64, CUDA) runs
+on the PyTorch tile engine (``fascore.flash``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _adapter, _build
+
+# Tile sizes (query rows per head, keys); None = chosen per problem. Tests force tiny tiles here
+# or through the flash engine's ``kernels.config["tiles"]``.
+config: dict = {"tiles": None, "bwd_tiles": None}
+
+_FWD_ROWS = 64  # target rows (G heads x query rows) of a forward work item
+_BWD_ROWS = 64
+
+
+def available() -> bool:
+    """Is the C++ extension built (building it now if needed) and enabled?"""
+    return _build.extension() is not None
+
+
+def build(verbose: bool = False) -> bool:
+    """Compile ahead of first use; True when the extension is available."""
+    return _build.extension(verbose=verbose) is not None
+
+
+def status() -> str:
+    """One line: what runs, or why the PyTorch engine runs instead."""
+    ext = _build.extension()
+    if ext is None:
+        return f"fallback to the PyTorch engine: {_build.error() or 'not built'}"
+    return f"built ({ext.isa()} kernels, torch {torch.__version__}, {ext.num_threads()} threads)"
+
+
+def not_supported_reasons(seg, prob) -> list[str]:
+    """Why this engine cannot run ``seg`` (empty: it can)."""
+    out = _adapter.reasons(seg, prob)
+    if not out and _build.extension() is None:
+        out.append(f"native extension unavailable ({_build.error() or 'not built'})")
+    return out
+
+
+def _tiles(seg, prob, backward: bool) -> tuple[int, int]:
+    forced = config["bwd_tiles" if backward else "tiles"] or config["tiles"] or _adapter.forced_tiles()
+    if forced is not None:
+        return int(forced[0]), int(forced[1])
+    g, sq, skv = prob.g, seg.mask.sq, seg.mask.skv
+    rows = _BWD_ROWS if backward else _FWD_ROWS
+    bq = max(1, min(max(sq, 1), -(-rows // g)))
+    if backward:
+        return bq, 64
+    if sq * g <= 4:  # decode-like: few rows, long key tiles
+        return bq, 512
+    return bq, 128
+
+
+def forward(seg, prob) -> tuple[Tensor, Tensor, Tensor]:
+    if not_supported_reasons(seg, prob):
+        return _adapter.fallback().forward(seg, prob)
+    ext = _build.extension()
+    bq, bk = _tiles(seg, prob, False)
+    p = _adapter.pack(seg, prob, bq, bk)
+    out, m, l = ext.forward(seg.q, seg.k, seg.v, p.ex, p.pse, p.slopes, p.sink, p.bits, p.prefix, p.dbase,
+                            p.ip, p.fp)
+    return out[..., :seg.v.shape[-1]], m, l
+
+
+def backward(seg, prob, dy: Tensor, out: Tensor, m: Tensor, l: Tensor, dpse: Tensor | None,
+             dsink: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    if not_supported_reasons(seg, prob) or (dpse is not None and dpse.dtype != torch.float32):
+        return _adapter.fallback().backward(seg, prob, dy, out, m, l, dpse, dsink)
+    ext = _build.extension()
+    bq, bk = _tiles(seg, prob, True)
+    p = _adapter.pack(seg, prob, bq, bk)
+    if dy.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dy = dy.to(torch.float32)
+    if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        out = out.to(torch.float32)
+    m, l = m.to(torch.float32), l.to(torch.float32)
+    dq, dk, dv = ext.backward(seg.q, seg.k, seg.v, dy, out, m, l, p.ex, p.pse, p.slopes, p.sink, p.bits, p.prefix,
+                              p.dbase, dpse if seg.pse is not None else None, dsink, p.ip, p.fp)
+    d, dvd = seg.q.shape[-1], seg.v.shape[-1]
+    return dq[..., :d], dk[..., :d], dv[..., :dvd]
+
+
+def workspace_bytes(seg, prob, backward: bool) -> int:
+    """Scratch bytes: per-thread tile buffers, padded float32 outputs and row statistics."""
+    if _adapter.reasons(seg, prob) or _build.extension() is None:
+        return _adapter.fallback().workspace_bytes(seg, prob, backward)
+    ext = _build.extension()
+    b, n1, sq, d = seg.q.shape
+    n2, skv, dv = seg.k.shape[1], seg.k.shape[2], seg.v.shape[-1]
+    bq, bk = _tiles(seg, prob, backward)
+    threads = max(1, torch.get_num_threads())
+    scratch = threads * int(ext.scratch_bytes(prob.g, bq, bk, d, dv, backward))
+    r8 = lambda x: -(-x // 8) * 8  # noqa: E731
+    nq, nk = -(-sq // bq), -(-skv // bk)
+    ex = seg.mask.explicit
+    summary = (ex.shape[0] * ex.shape[1] * nq * nk) if ex is not None else 0
+    if not backward:
+        return scratch + summary + 4 * b * n1 * sq * (r8(dv) + 2)
+    grads = 4 * (b * n1 * sq * r8(d) + b * n2 * skv * (r8(d) + r8(dv)) + 3 * b * n1 * sq)
+    dpse = 0
+    if seg.pse is not None and hasattr(seg.pse, "t") and seg.pse.t.shape[0] == 1 and b > 1:
+        dpse = 4 * b * seg.pse.t[0].numel()
+    return scratch + summary + grads + dpse
