@@ -269,9 +269,17 @@ def test_dropout_flagged_bits_assumed_and_seedless_skipped():
     assert rec.outputs[4] != 0
     (call,) = run([rec])
     assert call.verdict == cmp.WITHIN and call.flags == ["bits assumed"]
+    seed, offset = rec.outputs[4], rec.outputs[5]
     rec.outputs[4] = rec.outputs[5] = None  # as msprobe records npu_fusion_attention: without seed/offset
     (call,) = run([rec])
     assert call.verdict == cmp.SKIPPED and "seed" in call.message
+    (call,) = run([rec], seeds={"dropout": (seed, offset)})  # given by the user
+    assert call.verdict == cmp.WITHIN and call.flags == ["bits assumed"]
+    (call,) = run([rec], seeds={"dropout": (seed + 1, offset)})  # other bits: far out
+    assert call.verdict == cmp.OUT
+    assert cmp._parse_seed("NPU.npu_fusion_attention.3=0x10,24") == ("NPU.npu_fusion_attention.3", (16, 24))
+    with pytest.raises(ValueError):
+        cmp._parse_seed("no-seed")
 
 
 # =========================================================================== capture
@@ -533,3 +541,18 @@ def test_real_msprobe_dump(tmp_path):
     report = cmp.compare(dump, block=BLOCK)
     t = tensor(report.calls[0], "attention_out")
     assert report.calls[0].verdict == cmp.OUT and t.bad_heads == [3] and report.exit_code == 1
+
+
+def test_dense_reference_out_of_memory_falls_back(monkeypatch):
+    rec = forward_record("big", dtype=torch.float32, scale=0.25)
+    real = cmp._call
+
+    def no_dense(api, named, engine, *a, **k):
+        if engine == "reference":
+            raise fascore.FlashAttentionError("memory: this call needs about 99 GiB", fascore.ACLNN_ERR_RUNTIME_ERROR)
+        return real(api, named, engine, *a, **k)
+
+    monkeypatch.setattr(cmp, "_call", no_dense)
+    (call,) = run([rec])
+    assert call.verdict == cmp.WITHIN  # not "inputs invalid": the inputs are fine
+    assert any("does not fit" in n for n in call.notes)

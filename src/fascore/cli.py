@@ -265,7 +265,10 @@ def compare_cmd(path: Path = typer.Argument(..., help="An msprobe dump directory
                 match: Optional[str] = typer.Option(None, help="Only calls whose name matches this regex."),
                 limit: Optional[int] = typer.Option(None, help="At most this many calls."),
                 heatmaps: bool = typer.Option(True, help="Write heatmap PNGs."),
-                diagnose: bool = typer.Option(True, help="Try likely causes of calls out of bounds.")) -> None:
+                diagnose: bool = typer.Option(True, help="Try likely causes of calls out of bounds."),
+                dropout_seed: Optional[List[str]] = typer.Option(None, "--dropout-seed",
+                                                                 help="NAME=SEED[,OFFSET] of a dropout call whose "
+                                                                      "record lacks them (repeatable).")) -> None:
     """Check recorded npu_fusion_attention calls (an NPU run) against fascore's float64 reference.
 
     Per call: SPEC 7's bounds on attention_out, softmax_max/sum and the gradients, where they
@@ -275,7 +278,8 @@ def compare_cmd(path: Path = typer.Argument(..., help="An msprobe dump directory
     from fascore.tools.compare import compare_command
 
     raise typer.Exit(compare_command(path, out, json_out, engine=engine, device=device, block=block, match=match,
-                                     limit=limit, heatmaps=heatmaps, diagnose=diagnose, console=console))
+                                     limit=limit, heatmaps=heatmaps, diagnose=diagnose, dropout_seeds=dropout_seed,
+                                     console=console))
 # --------------------------------------------------------------------------- compare (issue 16; end)
 
 

@@ -436,6 +436,7 @@ class Options:
     diagnose_budget: int = 1 << 24  # B*N1*Sq*Skv above which the re-run diagnosis is skipped
     max_positions: int = 20
     out_dir: Path | None = None  # heatmaps; None: none written
+    seeds: dict[str, tuple[int, int]] = field(default_factory=dict)  # call name -> (seed, offset) for dropout
 
 
 def _row_blocks(err: Tensor, block: int) -> Tensor:
@@ -638,6 +639,22 @@ def _call(api: str, named: dict, engine: str, device: str = "cpu", wrt: list[str
     return res, dict(zip(wrt, grads))
 
 
+def _call_ref(api: str, named: dict, notes: list[str], wrt: list[str] | None = None,
+              dy: Tensor | None = None) -> tuple[Any, dict[str, Tensor]]:
+    """The reference run; when the dense reference cannot get its memory (361001) the call is
+    replayed with fascore's default engine instead (same formula, tiled), with a note."""
+    try:
+        return _call(api, named, "reference", wrt=wrt, dy=dy)
+    except fascore.FlashAttentionError as e:
+        fallback = fascore.current_engine_name()
+        if e.status != fascore.ACLNN_ERR_RUNTIME_ERROR or fallback == "reference":
+            raise
+        note = f"the dense reference does not fit ({e}); reference runs use the {fallback!r} engine"
+        if note not in notes:
+            notes.append(note)
+        return _call(api, named, fallback, wrt=wrt, dy=dy)
+
+
 def _grad_outputs(api: str, res: Any, named: dict) -> dict[str, Any]:
     """Name the grad op's results. grad (v1, v3): (dq, dk, dv, dpse, dsink); grad_v2 in torch_npu's
     order (dq, dk, dv, dpse, dq_rope, dk_rope, dsink), with fascore's older (dq, dk, dv, dpse, dsink
@@ -705,9 +722,9 @@ def _invalid_rows(x_max: Tensor, x_sum: Tensor, x_out: Tensor, r_max: Tensor, g:
                           for p in pos[: opts.max_positions]]}
 
 
-def _dropout_seed(rec: Record, named: dict, call: CallReport) -> bool:
-    """Set seed/offset of a forward call with a generated mask from the recorded outputs; False
-    when they are unknown (the call is then skipped)."""
+def _dropout_seed(rec: Record, named: dict, call: CallReport, given: tuple[int, int] | None = None) -> bool:
+    """Set seed/offset of a forward call with a generated mask from the recorded outputs (or
+    ``given``); False when they are unknown (the call is then skipped)."""
     try:
         kp = float(named.get("keep_prob", 1.0))
     except (TypeError, ValueError):
@@ -717,6 +734,8 @@ def _dropout_seed(rec: Record, named: dict, call: CallReport) -> bool:
     out = rec.outputs or []
     seed = out[4] if len(out) > 4 else None
     off = out[5] if len(out) > 5 else None
+    if given is not None:
+        seed, off = given
     if isinstance(seed, Tensor):
         seed = int(seed.reshape(-1)[0])
     if isinstance(off, Tensor):
@@ -760,9 +779,10 @@ def compare_record(rec: Record, opts: Options) -> list[CallReport]:
         call.verdict, call.message = INVALID, f"the recorded arguments do not fit {rec.api}: {e}"
         return reports
     rec_out = Record(rec.name, rec.api, args, kwargs, outputs)
-    if not is_grad and not _dropout_seed(rec_out, named, call):
+    if not is_grad and not _dropout_seed(rec_out, named, call, opts.seeds.get(rec.name)):
         call.message = ("keep_prob < 1 with a generated dropout mask, but the record holds no seed/offset "
-                        "(msprobe drops outputs 4 and 5 of npu_fusion_attention): the mask cannot be regenerated")
+                        "(msprobe drops outputs 4 and 5 of npu_fusion_attention): the mask cannot be regenerated "
+                        "(give them with --dropout-seed NAME=SEED,OFFSET if known)")
         if rec.backward:
             reports.append(CallReport(rec.name + " backward", rec.api, "backward", SKIPPED, call.message))
         return reports
@@ -783,17 +803,22 @@ def compare_record(rec: Record, opts: Options) -> list[CallReport]:
         g = None
         call.notes.append(f"geometry: {type(e).__name__}: {e}")
     try:
-        rs, _ = _call(rec.api, named, "reference")
+        rs, _ = _call_ref(rec.api, named, call.notes)
     except fascore.FlashAttentionError as e:
-        call.verdict, call.message, call.status = INVALID, str(e), e.status
+        verdict = SKIPPED if e.status == fascore.ACLNN_ERR_RUNTIME_ERROR else INVALID
+        call.verdict, call.message, call.status = verdict, str(e), e.status
         if rec.backward:
-            reports.append(CallReport(rec.name + " backward", rec.api, "backward", INVALID, str(e), e.status))
+            reports.append(CallReport(rec.name + " backward", rec.api, "backward", verdict, str(e), e.status))
         call.seconds = time.perf_counter() - t0
         return reports
     if g is None:
         call.message = "could not read the call's geometry"
         return reports
-    r64, _ = _call(rec.api, _as64(rec.api, named), "reference")
+    try:
+        r64, _ = _call_ref(rec.api, _as64(rec.api, named), call.notes)
+    except fascore.FlashAttentionError as e:
+        call.verdict, call.message, call.status = SKIPPED, f"float64 reference: {e}", e.status
+        return reports
     try:
         lib, _ = _call(rec.api, named, engine, opts.device)
     except Exception as e:  # noqa: BLE001 - a baseline failure is reported, not fatal
@@ -863,10 +888,11 @@ def _compare_backward(rec: Record, named: dict, outputs: list, g: Geometry, engi
         call.message = "the backward record holds no input gradients"
         return call
     try:
-        _, gs = _call(rec.api, named, "reference", wrt=wrt, dy=dy)
-        _, g64 = _call(rec.api, _as64(rec.api, named), "reference", wrt=wrt, dy=dy.to(torch.float64))
+        _, gs = _call_ref(rec.api, named, call.notes, wrt=wrt, dy=dy)
+        _, g64 = _call_ref(rec.api, _as64(rec.api, named), call.notes, wrt=wrt, dy=dy.to(torch.float64))
     except fascore.FlashAttentionError as e:
-        call.verdict, call.message, call.status = INVALID, str(e), e.status
+        verdict = SKIPPED if e.status == fascore.ACLNN_ERR_RUNTIME_ERROR else INVALID
+        call.verdict, call.message, call.status = verdict, str(e), e.status
         return call
     try:
         _, gl = _call(rec.api, named, engine, opts.device, wrt=wrt, dy=dy)
@@ -1010,7 +1036,7 @@ def diagnose(api: str, named: dict, outputs: list, r64: Any, call: CallReport, g
     for label, alt in alts:
         try:
             with _quiet():
-                ra, _ = _call(api, _as64(api, alt), "reference")
+                ra, _ = _call_ref(api, _as64(api, alt), [])
         except (fascore.FlashAttentionError, ValueError, TypeError):
             continue
         if tuple(ra[0].shape) != tuple(x64.shape):
@@ -1109,13 +1135,15 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
 # =========================================================================== entry points
 def compare(path: str | Path, out_dir: str | Path | None = None, *, engine: str | None = None, device: str = "cpu",
             block: int = 128, match: str | None = None, limit: int | None = None, diagnose: bool = True,
-            heatmaps: bool = True, progress: Callable[[CallReport], None] | None = None) -> Report:
+            heatmaps: bool = True, seeds: dict[str, tuple[int, int]] | None = None,
+            progress: Callable[[CallReport], None] | None = None) -> Report:
     """Check every recorded npu_fusion_attention* call in ``path`` (msprobe dump or replay bundle).
 
     ``out_dir``: where heatmap PNGs go (None: none). ``engine``: the fascore engine run as the
     baseline (default: fascore's default). ``device``: where that engine runs. ``block``: rows
     per query/key block. ``match``: only calls whose name contains this regex. ``limit``: at
-    most this many calls.
+    most this many calls. ``seeds``: {call name: (seed, offset)} for dropout calls whose record
+    lacks them (msprobe).
     """
     if block < 1:
         raise ValueError(f"block={block}: must be >= 1")
@@ -1128,7 +1156,7 @@ def compare(path: str | Path, out_dir: str | Path | None = None, *, engine: str 
     if limit is not None:
         records = records[:limit]
     opts = Options(engine=engine, device=device, block=block, diagnose=diagnose,
-                   out_dir=Path(out_dir) if out_dir is not None and heatmaps else None)
+                   out_dir=Path(out_dir) if out_dir is not None and heatmaps else None, seeds=dict(seeds or {}))
     report = Report(str(path), fmt, [], engine=engine or fascore.current_engine_name())
     for rec in records:
         for c in compare_record(rec, opts):
@@ -1152,9 +1180,8 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
     colour = {WITHIN: "green", OUT: "red", INVALID: "yellow", SKIPPED: "dim"}
     t = Table(title=f"fascore compare: {report.source} ({report.format}), reference float64, baseline engine "
                     f"{report.engine!r}", box=box.SIMPLE_HEAD)
-    for col, just in (("call", "left"), ("kind", "left"), ("shape", "left"), ("verdict", "left"),
-                      ("worst output", "left"), ("where", "left")):
-        t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for col, ratio in (("call", 2), ("kind", 1), ("shape", 2), ("verdict", 2), ("worst output", 3), ("where", 4)):
+        t.add_column(col, overflow="fold", ratio=ratio)
     for c in report.calls:
         g = c.geometry
         shape = (f"{g.get('layout', '?')} {g.get('dtype', '')} B{g.get('B')} N{g.get('N1')}/{g.get('N2')} "
@@ -1164,7 +1191,7 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
         worst = f"{w.name}: {_ratio_text(w)}" if w is not None else "-"
         verdict = f"[{colour[c.verdict]}]{c.verdict}[/{colour[c.verdict]}]" + (
             f" ({', '.join(c.flags)})" if c.flags else "")
-        where = c.message if c.verdict != WITHIN else ""
+        where = {WITHIN: "", OUT: c.message, INVALID: "see below", SKIPPED: "see below"}[c.verdict]
         t.add_row(c.name, c.kind, shape, verdict, worst if c.verdict in (WITHIN, OUT) else "-", where)
     con.print(t)
     if detail:
@@ -1210,8 +1237,8 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
 
 def compare_command(path: str | Path, out_dir: str | Path | None = "compare_out", json_out: str | Path | None = None,
                     *, engine: str | None = None, device: str = "cpu", block: int = 128, match: str | None = None,
-                    limit: int | None = None, diagnose: bool = True, heatmaps: bool = True, console: Any = None,
-                    quiet: bool = False) -> int:
+                    limit: int | None = None, diagnose: bool = True, heatmaps: bool = True,
+                    dropout_seeds: list[str] | None = None, console: Any = None, quiet: bool = False) -> int:
     """The ``fascore compare`` command: compare, print, write JSON/PNGs; returns the exit code
     (1 when a call is out of bounds, 0 otherwise, 2 on usage errors)."""
     from rich.console import Console
@@ -1220,8 +1247,9 @@ def compare_command(path: str | Path, out_dir: str | Path | None = "compare_out"
     try:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here")
+        seeds = dict(_parse_seed(x) for x in dropout_seeds or [])
         report = compare(path, out_dir if heatmaps else None, engine=engine, device=device, block=block, match=match,
-                         limit=limit, diagnose=diagnose, heatmaps=heatmaps)
+                         limit=limit, diagnose=diagnose, heatmaps=heatmaps, seeds=seeds)
     except (FileNotFoundError, ValueError, json.JSONDecodeError, re.error) as e:
         con.print(f"[red]fascore compare: {e}[/red]")
         return 2
@@ -1234,6 +1262,20 @@ def compare_command(path: str | Path, out_dir: str | Path | None = "compare_out"
     if out_dir is not None and heatmaps and not quiet and any(c.heatmap for c in report.calls):
         con.print(f"heatmaps in {out_dir}/")
     return report.exit_code
+
+
+def _parse_seed(text: str) -> tuple[str, tuple[int, int]]:
+    """'NPU.npu_fusion_attention.3=1234,24' -> (name, (1234, 24)); the offset defaults to 0."""
+    name, sep, val = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        parts = [int(x, 0) for x in val.split(",")]
+        if len(parts) not in (1, 2):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--dropout-seed {text!r}: expected NAME=SEED or NAME=SEED,OFFSET") from None
+    return name, (parts[0], parts[1] if len(parts) == 2 else 0)
 
 
 def iter_calls(report: Report, verdict: str | None = None) -> Iterable[CallReport]:
