@@ -264,7 +264,8 @@ def compare_cmd(path: Path = typer.Argument(..., help="An msprobe dump directory
                 block: int = typer.Option(128, help="Rows per query/key block in the tile statistics."),
                 match: Optional[str] = typer.Option(None, help="Only calls whose name matches this regex."),
                 limit: Optional[int] = typer.Option(None, help="At most this many calls."),
-                heatmaps: bool = typer.Option(True, help="Write heatmap PNGs."),
+                heatmaps: bool = typer.Option(True, help="Write heatmap PNGs of the calls out of bounds."),
+                all_heatmaps: bool = typer.Option(False, "--all-heatmaps", help="Heatmaps of every call."),
                 diagnose: bool = typer.Option(True, help="Try likely causes of calls out of bounds."),
                 dropout_seed: Optional[List[str]] = typer.Option(None, "--dropout-seed",
                                                                  help="NAME=SEED[,OFFSET] of a dropout call whose "
@@ -278,7 +279,8 @@ def compare_cmd(path: Path = typer.Argument(..., help="An msprobe dump directory
     from fascore.tools.compare import compare_command
 
     raise typer.Exit(compare_command(path, out, json_out, engine=engine, device=device, block=block, match=match,
-                                     limit=limit, heatmaps=heatmaps, diagnose=diagnose, dropout_seeds=dropout_seed,
+                                     limit=limit, heatmaps="all" if all_heatmaps else heatmaps, diagnose=diagnose,
+                                     dropout_seeds=dropout_seed,
                                      console=console))
 # --------------------------------------------------------------------------- compare (issue 16; end)
 

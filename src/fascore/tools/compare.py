@@ -496,7 +496,7 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
         err = torch.where(sentinel, torch.where(x4 == r4, torch.zeros_like(err), torch.full_like(err, math.inf)), err)
         tol = 1e-5 * r4.abs().clamp_min(1.0) if rule == "stat_max" else 1e-4 * r4.abs()
         tol = torch.where(sentinel, torch.zeros_like(tol), tol)
-        ratio = torch.where(err <= tol, err / tol.clamp_min(1e-300), torch.full_like(err, math.inf))
+        ratio = torch.where(tol > 0, err / tol.clamp_min(1e-300), torch.full_like(err, math.inf))
         ratio = torch.where(err == 0, torch.zeros_like(ratio), ratio)
         beyond = ~(err <= tol)
         rep.rule = rule + (" |x-ref64| <= 1e-5*max(1,|ref64|)" if rule == "stat_max" else " |x-ref64| <= 1e-4*ref64")
@@ -920,8 +920,31 @@ def _verdict(call: CallReport) -> None:
     call.verdict = OUT if bad else WITHIN
 
 
+def _where(t: TensorReport) -> str:
+    """Where one output is beyond its bound: heads, row blocks, NaN rows."""
+    bits = []
+    n_heads = len(t.heads)
+    if t.bad_heads:
+        bits.append(f"heads {_compact(t.bad_heads)} of {n_heads}" if len(t.bad_heads) < n_heads else f"all {n_heads} heads")
+    nb = len(t.block_max[0]) if t.block_max else 0
+    if t.bad_blocks:
+        bits.append(f"{t.row_axis} blocks {_compact(t.bad_blocks)} of {nb}" if len(t.bad_blocks) < nb else
+                    f"all {nb} {t.row_axis} blocks")
+    if t.n_nan or t.n_inf:
+        rows = [r for r in t.nonfinite_rows if "row" in r]
+        more = sum(r.get("more", 0) for r in t.nonfinite_rows)
+        first = f" (first: batch {rows[0]['batch']}, head {rows[0]['head']}, row {rows[0]['row']})" if rows else ""
+        bits.append(f"{t.n_nan} NaN / {t.n_inf} inf in {len(rows) + more} rows{first}")
+    if t.frac_beyond is not None and t.frac_beyond > 0.005:
+        bits.append(f"{100 * t.frac_beyond:.2f} % of elements beyond 0.5 % of |ref64| (limit 0.5 %)")
+    if t.message:
+        bits.append(t.message)
+    return ", ".join(bits)
+
+
 def _summarise(call: CallReport) -> None:
-    """One line of where: heads, blocks, NaNs, invalid rows."""
+    """One line of where: per failing output, its heads / blocks / NaNs (outputs failing in the
+    same places share the line), and the invalid rows that differ."""
     if call.verdict == WITHIN:
         w = call.worst()
         if w is not None:
@@ -929,27 +952,11 @@ def _summarise(call: CallReport) -> None:
         return
     if call.verdict != OUT:
         return
-    parts = []
+    groups: dict[str, list[str]] = {}
     for t in call.tensors:
-        if t.ok:
-            continue
-        bits = [f"{t.name} {_ratio_text(t)}"]
-        n_heads = len(t.heads)
-        if t.bad_heads and len(t.bad_heads) < n_heads:
-            bits.append(f"heads {_compact(t.bad_heads)} of {n_heads}")
-        elif t.bad_heads:
-            bits.append(f"all {n_heads} heads")
-        nb = len(t.block_max[0]) if t.block_max else 0
-        if t.bad_blocks and len(t.bad_blocks) < nb:
-            bits.append(f"{t.row_axis} blocks {_compact(t.bad_blocks)} of {nb}")
-        if t.n_nan or t.n_inf:
-            rows = [r for r in t.nonfinite_rows if "row" in r]
-            bits.append(f"{t.n_nan} NaN / {t.n_inf} inf in {len(rows)}{'+' if len(rows) < len(t.nonfinite_rows) else ''}"
-                        f" rows" + (f" (first: batch {rows[0]['batch']}, head {rows[0]['head']}, row {rows[0]['row']})"
-                                    if rows else ""))
-        if t.message:
-            bits.append(t.message)
-        parts.append(", ".join(bits))
+        if not t.ok:
+            groups.setdefault(_where(t), []).append(t.name)
+    parts = [f"{', '.join(names)}: {where}" if where else ", ".join(names) for where, names in groups.items()]
     if call.invalid_rows.get("differ"):
         parts.append(f"{call.invalid_rows['differ']} invalid rows differ")
     call.message = "; ".join(parts)
@@ -958,10 +965,15 @@ def _summarise(call: CallReport) -> None:
 def _ratio_text(t: TensorReport) -> str:
     if t.rule.startswith("stat"):
         return f"max|err| {t.max_err:.2e} ({t.bound:.3g} x tolerance)"
-    s = f"max|err| {t.max_err:.2e} vs bound {t.bound:.2e}"
-    if t.frac_beyond is not None and t.frac_beyond > 0.005:
-        s += f", {100 * t.frac_beyond:.2f} % beyond 0.5 %|ref| (limit 0.5 %)"
-    return s
+    return f"max|err| {t.max_err:.2e} vs bound {t.bound:.2e}"
+
+
+def _tile_text(x: dict) -> str:
+    """A worst tile as 'h5 q2 12x' (head, query/key block, ratio to the bound)."""
+    blk = (f"q{x['q_block']}" if "q_block" in x else "") + ("/" if "q_block" in x and "k_block" in x else "") + \
+        (f"k{x['k_block']}" if "k_block" in x else "") + (f"b{x['block']}" if "block" in x else "")
+    r = x["ratio"]
+    return f"h{x['head']} {blk} {'inf' if r == math.inf else f'{r:.3g}'}x"
 
 
 def _compact(xs: list[int]) -> str:
@@ -1079,13 +1091,13 @@ def _slug(name: str) -> str:
 
 def heatmap(call: CallReport, path: Path) -> list[dict]:
     """|error| by head x row block for every compared output of ``call``, one PNG; returns the
-    subplots' titles and axis labels."""
+    subplots' titles and axis labels. Colour: log10 of the block's max |x - ref64|; x marks
+    blocks holding elements beyond SPEC 7's bound; blue blocks hold NaN/inf."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import LogNorm
     from matplotlib.ticker import MaxNLocator
 
     ts = [t for t in call.tensors if t.block_max]
@@ -1093,25 +1105,28 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
         return []
     cols = min(3, len(ts))
     rows = -(-len(ts) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.1 * rows + 0.5), squeeze=False)
     info = []
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#00b3ff")  # NaN / inf blocks
     for ax, t in zip(axes.reshape(-1), ts):
         m = np.array(t.block_max, dtype=float)
         finite = m[np.isfinite(m) & (m > 0)]
-        lo = max(float(finite.min()) if finite.size else 1e-12, 1e-30)
-        hi = max(float(finite.max()) if finite.size else 1.0, lo * 10)
+        lo = float(finite.min()) if finite.size else 1e-12
+        hi = float(finite.max()) if finite.size else 1.0
         bound_cell = t.bound if not t.rule.startswith("stat") else None
         if bound_cell:
             lo, hi = min(lo, bound_cell / 100), max(hi, bound_cell * 2)
-        data = np.ma.masked_invalid(np.where(m > 0, m, lo))
-        cmap = plt.get_cmap("magma_r").with_extremes(bad="#00b3ff")  # NaN / inf cells
-        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, norm=LogNorm(vmin=lo, vmax=hi),
-                       origin="upper")
+        lo, hi = math.log10(max(lo, 1e-300)), math.log10(max(hi, 1e-300))
+        if hi - lo < 1:
+            lo = hi - 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data = np.ma.masked_invalid(np.log10(np.where(m > 0, m, 10.0 ** lo)))
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, origin="upper")
         bad = np.array(t.block_beyond, dtype=float) > 0 if t.block_beyond else np.zeros_like(m, dtype=bool)
         ys, xs = np.nonzero(bad)
-        if len(xs) and len(xs) <= 400:
-            ax.scatter(xs, ys, marker="x", s=12, c="#00d084", linewidths=0.8)
-        xlabel = f"{'key' if t.row_axis == 'key' else t.row_axis} block ({t.block} rows)"
+        if len(xs) and len(xs) <= 2000:
+            ax.scatter(xs, ys, marker="x", s=14, c="#00c070", linewidths=0.9)
+        xlabel = f"{t.row_axis} block ({t.block} rows)"
         ylabel = "kv head" if t.row_axis == "key" else "head"
         title = f"{t.name}: max|err| {t.max_err:.2e}" + (f", bound {t.bound:.1e}" if bound_cell else "")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -1119,13 +1134,14 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9, color="black" if t.ok else "#c00000")
-        fig.colorbar(im, ax=ax, label="max |x - ref64|")
+        fig.colorbar(im, ax=ax, label="log10 max |x - ref64|", fraction=0.08, pad=0.03)
         info.append({"tensor": t.name, "title": title, "xlabel": xlabel, "ylabel": ylabel, "shape": list(m.shape)})
     for ax in axes.reshape(-1)[len(ts):]:
         ax.axis("off")
-    fig.suptitle(f"{call.name} ({call.kind}): {call.verdict}   x = beyond SPEC 7's bound, blue = NaN/inf",
+    fig.suptitle(f"{call.name} ({call.kind}): {call.verdict}    x: beyond SPEC 7's bound    blue: NaN/inf",
                  fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.94, bottom=0.13 / rows + 0.02, top=1 - 0.16 / rows, wspace=0.45,
+                        hspace=0.55)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -1135,11 +1151,12 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
 # =========================================================================== entry points
 def compare(path: str | Path, out_dir: str | Path | None = None, *, engine: str | None = None, device: str = "cpu",
             block: int = 128, match: str | None = None, limit: int | None = None, diagnose: bool = True,
-            heatmaps: bool = True, seeds: dict[str, tuple[int, int]] | None = None,
+            heatmaps: bool | str = True, seeds: dict[str, tuple[int, int]] | None = None,
             progress: Callable[[CallReport], None] | None = None) -> Report:
     """Check every recorded npu_fusion_attention* call in ``path`` (msprobe dump or replay bundle).
 
-    ``out_dir``: where heatmap PNGs go (None: none). ``engine``: the fascore engine run as the
+    ``out_dir``: where heatmap PNGs go (None: none); ``heatmaps``: True / "failing" for the calls
+    out of bounds, "all" for every compared call, False / "none" for none. ``engine``: the fascore engine run as the
     baseline (default: fascore's default). ``device``: where that engine runs. ``block``: rows
     per query/key block. ``match``: only calls whose name contains this regex. ``limit``: at
     most this many calls. ``seeds``: {call name: (seed, offset)} for dropout calls whose record
@@ -1147,6 +1164,9 @@ def compare(path: str | Path, out_dir: str | Path | None = None, *, engine: str 
     """
     if block < 1:
         raise ValueError(f"block={block}: must be >= 1")
+    mode = {True: "failing", False: "none"}.get(heatmaps, heatmaps) if isinstance(heatmaps, bool) else heatmaps
+    if mode not in ("failing", "all", "none"):
+        raise ValueError(f"heatmaps={heatmaps!r}: must be True, False, 'failing', 'all' or 'none'")
     if engine is not None and engine not in fascore.available_engines():
         raise ValueError(f"engine={engine!r}: must be one of {fascore.available_engines()}")
     fmt, records = load_records(path)
@@ -1156,11 +1176,11 @@ def compare(path: str | Path, out_dir: str | Path | None = None, *, engine: str 
     if limit is not None:
         records = records[:limit]
     opts = Options(engine=engine, device=device, block=block, diagnose=diagnose,
-                   out_dir=Path(out_dir) if out_dir is not None and heatmaps else None, seeds=dict(seeds or {}))
+                   out_dir=Path(out_dir) if out_dir is not None and mode != "none" else None, seeds=dict(seeds or {}))
     report = Report(str(path), fmt, [], engine=engine or fascore.current_engine_name())
     for rec in records:
         for c in compare_record(rec, opts):
-            if opts.out_dir is not None and c.tensors:
+            if opts.out_dir is not None and c.tensors and (mode == "all" or c.verdict == OUT):
                 p = opts.out_dir / f"{_slug(c.name)}.{c.kind}.png"
                 c.heatmap_axes = heatmap(c, p)
                 c.heatmap = str(p) if c.heatmap_axes else None
@@ -1199,21 +1219,18 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
             if c.verdict != OUT:
                 continue
             d = Table(title=f"{c.name} ({c.kind}): {c.verdict}", box=box.SIMPLE_HEAD)
-            for col in ("output", "ok", "max |err|", "bound / x tol", "ref_same err", "fascore err", "beyond",
-                        "NaN/inf", "heads beyond", "worst tiles"):
+            for col in ("output", "ok", "max |err|", "bound", "fascore", "beyond", "NaN/inf", "heads",
+                        "worst blocks"):
                 d.add_column(col, overflow="fold")
             for tr in c.tensors:
-                tiles = ", ".join(
-                    f"h{x['head']} {'q' if 'q_block' in x else 'k' if 'k_block' in x else 'b'}"
-                    f"{x.get('q_block', x.get('k_block', x.get('block')))}"
-                    + (f"/k{x['k_block']}" if 'q_block' in x and 'k_block' in x else "") + f" ({x['ratio']:.3g}x)"
-                    for x in tr.worst_tiles[:4])
+                tiles = " ".join(_tile_text(x) for x in tr.worst_tiles[:3])
+                stat = tr.rule.startswith("stat")
                 d.add_row(tr.name, "[green]yes[/green]" if tr.ok else "[red]no[/red]", f"{tr.max_err:.2e}",
-                          f"{tr.bound:.2e}" if not tr.rule.startswith("stat") else f"{tr.bound:.3g}x",
-                          "-" if tr.ref_same_err is None else f"{tr.ref_same_err:.2e}",
+                          f"{tr.bound:.3g}x tol" if stat else f"{tr.bound:.2e}",
                           "-" if tr.fascore_err is None else f"{tr.fascore_err:.2e}",
-                          f"{tr.n_beyond}/{tr.n}" + (f" ({100 * tr.frac_beyond:.2f} %)" if tr.frac_beyond else ""),
-                          f"{tr.n_nan}/{tr.n_inf}", _compact(tr.bad_heads) or "-", tiles or "-")
+                          (f"{100 * tr.n_beyond / tr.n:.2f} %" if tr.n else "0") if tr.n_beyond else "0",
+                          f"{tr.n_nan}/{tr.n_inf}" if tr.n_nan or tr.n_inf else "-",
+                          _compact(tr.bad_heads) or "-", tiles or "-")
             con.print(d)
             for line in c.diagnosis:
                 con.print(f"  [bold]diagnosis[/bold]: {line}")
@@ -1237,7 +1254,7 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
 
 def compare_command(path: str | Path, out_dir: str | Path | None = "compare_out", json_out: str | Path | None = None,
                     *, engine: str | None = None, device: str = "cpu", block: int = 128, match: str | None = None,
-                    limit: int | None = None, diagnose: bool = True, heatmaps: bool = True,
+                    limit: int | None = None, diagnose: bool = True, heatmaps: bool | str = True,
                     dropout_seeds: list[str] | None = None, console: Any = None, quiet: bool = False) -> int:
     """The ``fascore compare`` command: compare, print, write JSON/PNGs; returns the exit code
     (1 when a call is out of bounds, 0 otherwise, 2 on usage errors)."""
@@ -1248,7 +1265,7 @@ def compare_command(path: str | Path, out_dir: str | Path | None = "compare_out"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here")
         seeds = dict(_parse_seed(x) for x in dropout_seeds or [])
-        report = compare(path, out_dir if heatmaps else None, engine=engine, device=device, block=block, match=match,
+        report = compare(path, out_dir, engine=engine, device=device, block=block, match=match,
                          limit=limit, diagnose=diagnose, heatmaps=heatmaps, seeds=seeds)
     except (FileNotFoundError, ValueError, json.JSONDecodeError, re.error) as e:
         con.print(f"[red]fascore compare: {e}[/red]")
@@ -1259,7 +1276,7 @@ def compare_command(path: str | Path, out_dir: str | Path | None = "compare_out"
         report.to_json(json_out)
         if not quiet:
             con.print(f"wrote {json_out}")
-    if out_dir is not None and heatmaps and not quiet and any(c.heatmap for c in report.calls):
+    if out_dir is not None and not quiet and any(c.heatmap for c in report.calls):
         con.print(f"heatmaps in {out_dir}/")
     return report.exit_code
 
