@@ -264,7 +264,7 @@ def test_tnd_compressed_pse_rope_sink():
 def test_tnd_alibi_dropout():
     lens = [18, 30]
     kw = make_qkv("TND", N1=2, N2=1, D=16, dtype=F16, seed=17, seqlens_q=lens, seqlens_kv=lens)
-    spec7(kw, pse=torch.tensor([0.3, 0.05]), pse_type=2, q_start_idx=[2], kv_start_idx=[0],
+    spec7(kw, pse=torch.tensor([0.3, 0.05]), pse_type=2, q_start_idx=[2], kv_start_idx=[2],
           keep_prob=0.75, seed=11, offset=3, atten_mask=CAUSAL_MASK, sparse_mode=8, scale=0.3)
 
 
@@ -299,3 +299,46 @@ def test_not_supported_reasons():
     prob = build_problem(q32, q32, q32, 1, "BNSD")
     assert TE.not_supported_reasons(prob.segments[0], prob) == []
     assert TE.available()
+
+
+# --------------------------------------------------------------------------- whole-problem hooks
+@pytest.mark.parametrize("case", ["tnd-mask", "tnd-band-layout", "tnd-pse-rope-sink", "tnd-alibi-dropout", "bsh-dropout"])
+def test_forward_all_backward_all_match_segments(case):
+    """forward_all / backward_all (every TND batch in one launch, the caller's layout written
+    directly) give the per-segment path's results: the same bits (dsink up to its reduction)."""
+    from fascore import api
+    lens_q, lens_k = [7, 0, 20, 33], [9, 4, 20, 40]
+    if case == "tnd-mask":
+        kw = make_qkv("TND", N1=2, N2=1, D=16, Dv=8, dtype=F16, seed=15, seqlens_q=lens_q, seqlens_kv=lens_k, pad_q=3)
+        extra = dict(atten_mask=random_mask((33, 40), 0.3, 15), sparse_mode=0, pre_tokens=10, next_tokens=2)
+    elif case == "tnd-band-layout":
+        kw = make_qkv("TND", N1=2, N2=1, D=16, Dv=8, dtype=F16, seed=15, seqlens_q=lens_q, seqlens_kv=lens_k, pad_q=3)
+        extra = dict(atten_mask=CAUSAL_MASK, sparse_mode=7, pre_tokens=6, next_tokens=1, softmax_layout="TND")
+    elif case == "tnd-pse-rope-sink":
+        lens = [20, 0, 37]
+        kw = make_qkv("TND", N1=2, N2=2, D=16, dtype=F32, seed=16, seqlens_q=lens, seqlens_kv=lens, Dr=8)
+        extra = dict(pse=randn((3, 2, 1024, 37), F32, gen(160)), pse_type=0, atten_mask=CAUSAL_MASK, sparse_mode=3,
+                     sink=torch.tensor([0.2, -0.4]))
+    elif case == "tnd-alibi-dropout":
+        kw = make_qkv("TND", N1=2, N2=1, D=16, dtype=F16, seed=17, seqlens_q=[18, 30], seqlens_kv=[18, 30])
+        extra = dict(pse=torch.tensor([0.3, 0.05]), pse_type=2, q_start_idx=[2], kv_start_idx=[2], keep_prob=0.75,
+                     seed=11, offset=3, atten_mask=CAUSAL_MASK, sparse_mode=8)
+    else:
+        kw = make_qkv("BSH", 2, 2, 1, 24, 37, 16, 16, dtype=F16, seed=13)
+        extra = dict(keep_prob=0.8, seed=5, offset=40, atten_mask=CAUSAL_MASK, sparse_mode=3)
+    prob = build_problem(**kw, **extra, scale=0.3)
+    assert TE.supports_all(prob)
+    fwd_seg = api.run_forward(prob)
+    fwd_all = TE.forward_all(prob)
+    for a, b in zip(fwd_seg, fwd_all):
+        assert torch.equal(a, b)
+    dy = randn(tuple(fwd_seg[0].shape), fwd_seg[0].dtype, gen(3))
+    g_seg = api.run_backward(prob, dy, *fwd_seg)
+    g_all = TE.backward_all(prob, dy, *fwd_seg)
+    for name, a, b in zip(("dq", "dk", "dv", "dpse", "dsink", "dq_rope", "dk_rope"), g_seg, g_all):
+        if a is None:
+            assert b is None, name
+        elif name == "dsink":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b), name

@@ -231,8 +231,10 @@ class _Args:
         return self.hi < self.skv - 1  # the band cuts the right side: later rows are longer
 
 
-def _strides4(t: Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())  # type: ignore[return-value]
+def _strides4(t: Tensor, varlen: object = None) -> tuple[int, int, int, int]:
+    """Strides of a [B, N, S, D] view; a VARLEN launch indexes batches by table rows, not strides."""
+    st = tuple(t.stride())
+    return (0,) + st[1:] if varlen is not None else st  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- forward
@@ -266,7 +268,7 @@ def _launch_fwd(a: _Args, q: Tensor, k: Tensor, v: Tensor, out: Tensor, m: Tenso
     grid = (triton.cdiv(sq_max if sq_max is not None else a.sq, t.bm), gy, gz)
     kernels.fwd_kernel[grid](
         q, k, v, out, m, l, tab, a.pfx, a.mk, pptr, pkb, a.pse_t, a.slope, a.sink, a.bits,
-        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *sm,
+        *_strides4(q, tab), *_strides4(k, tab), *_strides4(v, tab), *_strides4(out, tab), *sm,
         ssl_b=a.ssl[0], ssl_n=a.ssl[1], NBH=nb * a.n1, N1=a.n1, ADELTA=a.adelta,
         BM=t.bm, BN=t.bn, HAS_SINK=a.sink is not None, VARLEN=tab is not None, COPIES=copies,
         REVERSE=a.reverse, SPLIT_P=a.split, num_warps=t.warps, num_stages=t.stages, **a.common())
@@ -308,7 +310,7 @@ def _launch_pre(a: _Args, dy: Tensor, out: Tensor, m: Tensor, l: Tensor, *, tab:
     gy, gz = _grid_bh(nb * a.n1)
     sm = sm if sm is not None else (m.stride(0), m.stride(1), m.stride(2))
     kernels.bwd_pre_kernel[(triton.cdiv(sq_max or a.sq, t.bm), gy, gz)](
-        dy, out, m, l, rm, ri, rr, tab, *_strides4(dy), *_strides4(out), *sm,
+        dy, out, m, l, rm, ri, rr, tab, *_strides4(dy, tab), *_strides4(out, tab), *sm,
         NBH=nb * a.n1, N1=a.n1, SQ=a.sq, DV=a.dv, r_n=rows, r_b=0 if tab is not None else a.sq,
         HAS_SINK=a.sink is not None, VARLEN=tab is not None, BM=t.bm, BDV=a.bdv,
         num_warps=t.warps, num_stages=t.stages)
@@ -322,25 +324,27 @@ def _launch_bwd(a: _Args, q: Tensor, k: Tensor, v: Tensor, dy: Tensor, dq: Tenso
     nb = a.b if nb is None else nb
     com = a.common()
     tk, tq = a.cfg.kv, a.cfg.q
+    tab_kv, tab_q = tab if isinstance(tab, tuple) else (tab, tab)
     kv_plan = plans[0] if plans is not None else a.plan(tk.bm, tk.bn, True)
     q_plan = plans[1] if plans is not None else a.plan(tq.bm, tq.bn, False)
     gy, gz = _grid_bh(nb * a.n2)
     kernels.bwd_kv_kernel[(triton.cdiv(skv_max or a.skv, tk.bn), gy, gz)](
-        q, k, v, dy, dk, dvv, rm, ri, rr, tab, a.pfx, a.mk, kv_plan[0], kv_plan[1], a.pse_t, a.slope, a.bits,
-        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dy), *_strides4(dk), *_strides4(dvv),
+        q, k, v, dy, dk, dvv, rm, ri, rr, tab_kv, a.pfx, a.mk, kv_plan[0], kv_plan[1], a.pse_t, a.slope, a.bits,
+        *_strides4(q, tab_kv), *_strides4(k, tab_kv), *_strides4(v, tab_kv), *_strides4(dy, tab_kv),
+        *_strides4(dk, tab_kv), *_strides4(dvv, tab_kv),
         r_n=r_n, r_b=r_b, ssl_b=a.ssl[0], ssl_n=a.ssl[1], NBH=nb * a.n2, N1=a.n1, N2=a.n2, ADELTA=a.adelta,
-        plan_nq=0, BM=tk.bm, BN=tk.bn, VARLEN=tab is not None, num_warps=tk.warps, num_stages=tk.stages, **com)
+        plan_nq=0, BM=tk.bm, BN=tk.bn, VARLEN=tab_kv is not None, num_warps=tk.warps, num_stages=tk.stages, **com)
     gy, gz = _grid_bh(nb * a.n1)
     kernels.bwd_q_kernel[(triton.cdiv(sq_max or a.sq, tq.bm), gy, gz)](
-        q, k, v, dy, dq, rm, ri, rr, tab, a.pfx, a.mk, q_plan[0], q_plan[1], a.pse_t, a.slope, a.bits,
-        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dy), *_strides4(dq),
+        q, k, v, dy, dq, rm, ri, rr, tab_q, a.pfx, a.mk, q_plan[0], q_plan[1], a.pse_t, a.slope, a.bits,
+        *_strides4(q, tab_q), *_strides4(k, tab_q), *_strides4(v, tab_q), *_strides4(dy, tab_q), *_strides4(dq, tab_q),
         r_n=r_n, r_b=r_b, ssl_b=a.ssl[0], ssl_n=a.ssl[1], NBH=nb * a.n1, N1=a.n1, ADELTA=a.adelta,
-        BM=tq.bm, BN=tq.bn, VARLEN=tab is not None, REVERSE=a.reverse, num_warps=tq.warps,
+        BM=tq.bm, BN=tq.bn, VARLEN=tab_q is not None, REVERSE=a.reverse, num_warps=tq.warps,
         num_stages=tq.stages, **com)
 
 
 def _launch_dpse(a: _Args, q: Tensor, k: Tensor, v: Tensor, dy: Tensor, dpse: Tensor, rm: Tensor, ri: Tensor,
-                 rr: Tensor) -> None:
+                 rr: Tensor, r_n: int | None = None, r_b: int | None = None) -> None:
     """dpse (pse-shaped float32 buffer, added into) for a uniform segment."""
     t = a.cfg.pse
     bm = bn = t.bm
@@ -365,7 +369,7 @@ def _launch_dpse(a: _Args, q: Tensor, k: Tensor, v: Tensor, dy: Tensor, dpse: Te
         q, k, v, dy, dpse, rm, ri, rr, a.pfx, a.mk, a.pse_t, a.bits,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dy),
         dpse.stride(0) if dpse.shape[0] > 1 else 0, dpse.stride(1), dpse.stride(2), dpse.stride(3),
-        a.b * a.sq, a.sq, NB=a.b, N1=a.n1, G=a.g, n_chain=chain, BM=bm, BN=bn, MODE=mode, BATCH_SUM=batch_sum,
+        a.b * a.sq if r_n is None else r_n, a.sq if r_b is None else r_b, NB=a.b, N1=a.n1, G=a.g, n_chain=chain, BM=bm, BN=bn, MODE=mode, BATCH_SUM=batch_sum,
         BJ=bm + bn if mode == 3 else bn, num_warps=t.warps, num_stages=t.stages, **com)
 
 
@@ -381,3 +385,209 @@ def workspace_bytes(seg: fa.Segment, prob: fa.Problem, backward: bool) -> int:
     if not backward:
         return rows * (dv + 2) * 4 + plan
     return (rows * d + b * n2 * skv * (d + dv) + 3 * rows) * 4 + plan
+
+
+# --------------------------------------------------------------------------- whole-problem hooks
+def supports_all(prob: fa.Problem) -> bool:
+    """Can ``forward_all`` / ``backward_all`` run ``prob`` (every segment supported)?"""
+    if triton is None or not prob.segments:
+        return False
+    return all(not not_supported_reasons(s, prob) for s in prob.segments)
+
+
+def _elem_offset(t: Tensor | None, base: Tensor | None) -> int:
+    if t is None or base is None:
+        return 0
+    if (t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+            or t.stride()[-2:] != base.stride()[-2:]):
+        raise ValueError("segment tensors are not views of one tensor")
+    return t.storage_offset() - base.storage_offset()
+
+
+class _Table:
+    """The segment table of a TND problem: one int64 row of ``kernels.NF`` fields per batch."""
+
+    def __init__(self, prob: fa.Problem, a: _Args) -> None:
+        segs = prob.segments
+        self.segs, self.nb = segs, len(segs)
+        self.sq_max = max(s.q.shape[2] for s in segs)
+        self.skv_max = max(s.k.shape[2] for s in segs)
+        s0 = segs[0]
+        mk0 = s0.mask.explicit
+        pse0 = s0.pse.t if isinstance(s0.pse, (fa.DensePse, fa.CompressedPse)) else None
+        sl0 = s0.pse.slopes if isinstance(s0.pse, fa.AlibiPse) else None
+        rows = []
+        for s in segs:
+            bt = s.batch
+            mk = s.mask.explicit
+            pse_off = (_elem_offset(s.pse.t, pse0) if pse0 is not None
+                       else _elem_offset(s.pse.slopes, sl0) if sl0 is not None else 0)
+            dr = s.dropout
+            alibi = int(s.pse.ks) - int(s.pse.qs) if isinstance(s.pse, fa.AlibiPse) else 0
+            rows.append([bt.q0, bt.k0, bt.sq, bt.skv, _clamp(s.mask.lo), _clamp(s.mask.hi),
+                         s.mask.prefix[0] if s.mask.prefix else 0, _elem_offset(mk, mk0), 0, alibi,
+                         int(dr.base[0]) if dr is not None else 0, int(dr.row) if dr is not None else 0,
+                         0, 0, 0, pse_off])
+        self.rows = torch.tensor(rows, dtype=torch.int64)
+        self.a = a
+
+    def tab(self, stats: tuple[int, int] | None = None, plan: tuple[int, int, bool] | None = None
+            ) -> tuple[Tensor, tuple | None]:
+        """The table on the device, with the statistics offsets for ``stats`` = (N1, layout TND?)
+        and the concatenated block plans for tiles ``plan`` = (bm, bn, transpose)."""
+        r = self.rows.clone()
+        if stats is not None:
+            n1, tnd_layout = stats
+            if tnd_layout:
+                r[:, 12] = r[:, 0] * n1 * 8
+            else:
+                r[:, 12] = r[:, 0] * n1 * 8
+                r[:, 13] = r[:, 2] * 8
+        plans = None
+        if plan is not None and self.a.mk is not None:
+            bm, bn, transpose = plan
+            ptrs, codes, p_off, c_off = [], [], 0, 0
+            for x, s in enumerate(self.segs):
+                kinds = fa.plan_blocks(s.mask, bm, bn, self.a.dev)
+                ptr, code = _csr(kinds, transpose)
+                r[x, 14] = p_off
+                ptrs.append(ptr + c_off)
+                n_codes = int(ptr[-1])
+                codes.append(code[:n_codes])
+                p_off += ptr.numel()
+                c_off += n_codes
+            codes_t = torch.cat(codes) if c_off else torch.zeros(1, dtype=torch.int32, device=self.a.dev)
+            plans = (torch.cat(ptrs), codes_t)
+        return r.to(self.a.dev), plans
+
+
+def _rope_cat(x: Tensor, r: Tensor | None) -> Tensor:
+    return x if r is None else torch.cat([x, r], -1)
+
+
+def forward_all(prob: fa.Problem) -> tuple[Tensor, Tensor, Tensor]:
+    """(attention_out, softmax_max, softmax_sum) of the whole problem in the caller's layout and
+    dtypes, every batch in one launch; the kernel writes the caller's tensors directly."""
+    dev = prob.device
+    query, key, value = prob.inputs
+    rq, rk = prob.rope if prob.rope is not None else (None, None)
+    if prob.layout != "TND":
+        (seg,) = prob.segments
+        a = _Args(seg, prob)
+        out = torch.empty(prob.out_shape, dtype=prob.dtype, device=dev)
+        smax = torch.empty(prob.stats_shape, dtype=torch.float32, device=dev)
+        ssum = torch.empty_like(smax)
+        o4 = fa.to_bnsd(out, prob.layout, prob.n1)
+        if a.sq == 0 or a.b * a.n1 == 0:
+            return out, smax, ssum
+        if a.skv == 0:
+            o4.zero_()
+            _empty_rows(smax[..., 0], ssum[..., 0], a.sink)
+            smax.copy_(smax[..., :1].expand_as(smax))
+            ssum.copy_(ssum[..., :1].expand_as(ssum))
+            return out, smax, ssum
+        _launch_fwd(a, seg.q, seg.k, seg.v, o4, smax, ssum, (smax.stride(0), smax.stride(1), smax.stride(2)), 8)
+        return out, smax, ssum
+    out = torch.zeros(prob.out_shape, dtype=prob.dtype, device=dev)
+    smax = torch.zeros(prob.stats_shape, dtype=torch.float32, device=dev)
+    ssum = torch.zeros_like(smax)
+    if not prob.segments:
+        return out, smax, ssum
+    a = _Args(prob.segments[0], prob)
+    table = _Table(prob, a)
+    t = a.cfg.fwd
+    tab, plan = table.tab((prob.n1, prob.softmax_layout == "TND"), (t.bm, t.bn, False))
+    q = _rope_cat(query, rq).unsqueeze(0).transpose(1, 2)  # [1, N1, T1, D]: batch stride unused
+    k = _rope_cat(key, rk).unsqueeze(0).transpose(1, 2)
+    v = value.unsqueeze(0).transpose(1, 2)
+    o4 = out.unsqueeze(0).transpose(1, 2)
+    sm = (0, 8, prob.n1 * 8) if prob.softmax_layout == "TND" else (0, 0, 8)
+    a.mk_strides = (0,) + a.mk_strides[1:]
+    a.sp = (1 if a.pse_t is not None else 0,) + a.sp[1:]
+    a.ssl = (1 if a.slope is not None else 0, a.ssl[1])
+    _launch_fwd(a, q, k, v, o4, smax, ssum, sm, 8, tab=tab, nb=table.nb, sq_max=table.sq_max,
+                plan=plan if plan is not None else (None, None))
+    return out, smax, ssum
+
+
+def backward_all(prob: fa.Problem, dy: Tensor, attention_in: Tensor, softmax_max: Tensor, softmax_sum: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """(dq, dk, dv, dpse, dsink, dq_rope, dk_rope) of the whole problem in the caller's layout and
+    dtypes (``api.run_backward``'s contract), every batch in one launch per kernel."""
+    dev, d = prob.device, prob.d
+    query, key, value = prob.inputs
+    rq, rk = prob.rope if prob.rope is not None else (None, None)
+    dpse = torch.zeros(prob.pse.shape, dtype=torch.float32, device=dev) if prob.pse is not None else None
+    dsink = torch.zeros(prob.n1, dtype=torch.float32, device=dev) if prob.sink is not None else None
+    rope = prob.rope is not None
+    if prob.layout != "TND":
+        (seg,) = prob.segments
+        dy4 = fa.to_bnsd(dy, prob.layout, prob.n1)
+        o4 = fa.to_bnsd(attention_in, prob.layout, prob.n1)
+        dq, dk, dv = backward(seg, prob, dy4, o4, softmax_max[..., 0], softmax_sum[..., 0], dpse, dsink)
+        outs = [fa.from_bnsd(dq[..., :d].to(prob.dtype), prob.layout), fa.from_bnsd(dk[..., :d].to(prob.dtype), prob.layout),
+                fa.from_bnsd(dv.to(prob.dtype), prob.layout)]
+        dqr = fa.from_bnsd(dq[..., d:].to(prob.dtype), prob.layout) if rope else None
+        dkr = fa.from_bnsd(dk[..., d:].to(prob.dtype), prob.layout) if rope else None
+    else:
+        t1, t2 = query.shape[0], key.shape[0]
+        dq_b = torch.zeros(t1, prob.n1, d + prob.dr, dtype=prob.dtype if not rope else torch.float32, device=dev)
+        dk_b = torch.zeros(t2, prob.n2, d + prob.dr, dtype=prob.dtype if not rope else torch.float32, device=dev)
+        dv_b = torch.zeros(t2, prob.n2, prob.dv, dtype=prob.dtype, device=dev)
+        if prob.segments:
+            _backward_tnd(prob, dy, attention_in, softmax_max, softmax_sum, dq_b, dk_b, dv_b, dpse, dsink)
+        outs = [dq_b[..., :d].to(prob.dtype).contiguous(), dk_b[..., :d].to(prob.dtype).contiguous(), dv_b]
+        dqr = dq_b[..., d:].to(prob.dtype).contiguous() if rope else None
+        dkr = dk_b[..., d:].to(prob.dtype).contiguous() if rope else None
+    dpse_out = dpse.to(prob.pse.dtype) if dpse is not None else None
+    dsink_out = dsink if dsink is not None else torch.empty(0, dtype=torch.float32, device=dev)
+    return outs[0], outs[1], outs[2], dpse_out, dsink_out, dqr, dkr
+
+
+def _backward_tnd(prob: fa.Problem, dy: Tensor, attention_in: Tensor, smax: Tensor, ssum: Tensor,
+                  dq_b: Tensor, dk_b: Tensor, dv_b: Tensor, dpse: Tensor | None, dsink: Tensor | None) -> None:
+    query, key, value = prob.inputs
+    rq, rk = prob.rope if prob.rope is not None else (None, None)
+    a = _Args(prob.segments[0], prob)
+    table = _Table(prob, a)
+    t1 = query.shape[0]
+    tab, _ = table.tab((prob.n1, prob.softmax_layout == "TND"))
+    sm = (0, 8, prob.n1 * 8) if prob.softmax_layout == "TND" else (0, 0, 8)
+    dy = dy if dy.dtype == prob.dtype else dy.to(prob.dtype)
+    dy4 = dy.unsqueeze(0).transpose(1, 2)
+    o4 = attention_in.unsqueeze(0).transpose(1, 2)
+    rm = torch.zeros(prob.n1, t1, dtype=torch.float32, device=a.dev)
+    ri, rr = torch.zeros_like(rm), torch.zeros_like(rm)
+    t = a.cfg.pre
+    gy, gz = _grid_bh(table.nb * a.n1)
+    kernels.bwd_pre_kernel[(triton.cdiv(table.sq_max, t.bm), gy, gz)](
+        dy4, o4, smax, ssum, rm, ri, rr, tab, *_strides4(dy4, tab), *_strides4(o4, tab), *sm,
+        NBH=table.nb * a.n1, N1=a.n1, SQ=0, DV=a.dv, r_n=t1, r_b=0, HAS_SINK=a.sink is not None, VARLEN=True,
+        BM=t.bm, BDV=a.bdv, num_warps=t.warps, num_stages=t.stages)
+    if dsink is not None and a.sink is not None:
+        p_sink = torch.exp(a.sink.view(-1, 1) - rm) * ri
+        dsink += (-(p_sink * rr)).sum(1)
+    q = _rope_cat(query, rq).unsqueeze(0).transpose(1, 2)
+    k = _rope_cat(key, rk).unsqueeze(0).transpose(1, 2)
+    v = value.unsqueeze(0).transpose(1, 2)
+    tk, tq = a.cfg.kv, a.cfg.q
+    stats = (prob.n1, prob.softmax_layout == "TND")
+    tab_kv, kv_plan = table.tab(stats, (tk.bm, tk.bn, True))
+    tab_q, q_plan = table.tab(stats, (tq.bm, tq.bn, False))
+    a.mk_strides = (0,) + a.mk_strides[1:]
+    a.sp = (1 if a.pse_t is not None else 0,) + a.sp[1:]
+    a.ssl = (1 if a.slope is not None else 0, a.ssl[1])
+    dq4 = dq_b.unsqueeze(0).transpose(1, 2)
+    dk4 = dk_b.unsqueeze(0).transpose(1, 2)
+    dv4 = dv_b.unsqueeze(0).transpose(1, 2)
+    _launch_bwd(a, q, k, v, dy4, dq4, dk4, dv4, rm, ri, rr, t1, 0, nb=table.nb, sq_max=table.sq_max,
+                skv_max=table.skv_max, tab=(tab_kv, tab_q),
+                plans=(kv_plan or (None, None), q_plan or (None, None)))
+    if dpse is not None:
+        for seg in prob.segments:
+            sa = _Args(seg, prob)
+            if sa.pse_kind not in (1, 2, 3):
+                continue
+            bt = seg.batch
+            _launch_dpse(sa, seg.q, seg.k, seg.v, fa.tnd_rows(dy, bt.q0, bt.sq), dpse[seg.pse_rows],
+                         rm[:, bt.q0:], ri[:, bt.q0:], rr[:, bt.q0:], r_n=t1, r_b=0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 NF = 16  # fields per row of the segment table (see ``_seg``)
 
 
@@ -34,11 +34,13 @@ NF = 16  # fields per row of the segment table (see ``_seg``)
 @triton.jit
 def _seg(TAB, b, SQ, SKV, LO, HI, PFX, ADELTA, DBASE0, DSTEP, DROW, HAS_PFX: tl.constexpr,
          VARLEN: tl.constexpr):
-    """Batch ``b``: (q_row0, k_row0, sq, skv, lo, hi, prefix, mask_i0, mask_j0, alibi (ks - qs),
+    """Batch ``b``: (q_row0, k_row0, sq, skv, lo, hi, prefix, mask offset, unused, alibi (ks - qs),
     dropout base, dropout row, stats offset, stats head stride, plan offset, pse batch).
 
-    Uniform segments take the scalars (q_row0 = k_row0 = 0, batch offsets come from strides);
-    VARLEN reads row ``b`` of the int64 table.
+    Uniform segments take the scalars (q_row0 = k_row0 = 0, batch offsets come from strides, the
+    pse / slope batch is ``b``); VARLEN reads row ``b`` of the int64 table, where the mask offset
+    and the pse batch are element offsets from the first batch's tensors (their batch strides
+    are passed as 0 and 1).
     """
     if VARLEN:
         t = TAB + b.to(tl.int64) * 16
@@ -57,7 +59,7 @@ def _seg(TAB, b, SQ, SKV, LO, HI, PFX, ADELTA, DBASE0, DSTEP, DROW, HAS_PFX: tl.
         soff = tl.load(t + 12)
         ssn = tl.load(t + 13)
         poff = tl.load(t + 14).to(tl.int32)
-        pb = tl.load(t + 15).to(tl.int32)
+        pb = tl.load(t + 15)
     else:
         q_row0 = tl.zeros((), tl.int64)
         k_row0 = tl.zeros((), tl.int64)
@@ -83,23 +85,30 @@ def _seg(TAB, b, SQ, SKV, LO, HI, PFX, ADELTA, DBASE0, DSTEP, DROW, HAS_PFX: tl.
 
 # --------------------------------------------------------------------------- tile pieces
 @triton.jit
-def _allowed(i, j, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK: tl.constexpr):
-    """Take-part tile for absolute rows ``i`` and columns ``j`` (broadcastable int32 tiles)."""
+def _allowed(i0, j0, ri, rj, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK: tl.constexpr):
+    """Take-part tile at rows i0 + ri, columns j0 + rj (ri, rj broadcastable int32 tiles)."""
+    i = i0 + ri
+    j = j0 + rj
     d = j - i
     a = ((d >= lo) & (d <= hi)) | (j < pfx)
     a = a & (i < sq) & (j < skv) & (i >= 0) & (j >= 0)
     if HAS_MASK:
-        mb = tl.load(MASK + mk_base + i * smk_i + j * smk_j, mask=a, other=1)
+        base = MASK + (mk_base + i0.to(tl.int64) * smk_i + j0.to(tl.int64) * smk_j)
+        mb = tl.load(base + ri * smk_i + rj * smk_j, mask=a, other=1)
         a = a & (mb == 0)
     return a
 
 
 @triton.jit
-def _bias(PSE, ps_base, sp_i, sp_j, i, j, sq, skv, pse_w, pse_thr, adelta, slope, PSE_KIND: tl.constexpr):
-    """float32 bias tile at absolute (i, j); out-of-range positions read nothing."""
+def _bias(PSE, ps_base, sp_i, sp_j, i0, j0, ri, rj, sq, skv, pse_w, pse_thr, adelta, slope,
+          PSE_KIND: tl.constexpr):
+    """float32 bias tile at rows i0 + ri, columns j0 + rj; out-of-range positions read nothing."""
+    i = i0 + ri
+    j = j0 + rj
     inb = (i < sq) & (j < skv) & (i >= 0) & (j >= 0)
     if PSE_KIND == 1:
-        x = tl.load(PSE + ps_base + i * sp_i + j * sp_j, mask=inb, other=0.0).to(tl.float32)
+        base = PSE + (ps_base + i0.to(tl.int64) * sp_i + j0.to(tl.int64) * sp_j)
+        x = tl.load(base + ri * sp_i + rj * sp_j, mask=inb, other=0.0).to(tl.float32)
     elif PSE_KIND == 2:
         late = i >= pse_thr
         row = tl.where(late, i - pse_thr, i % 1024)
@@ -111,7 +120,8 @@ def _bias(PSE, ps_base, sp_i, sp_j, i, j, sq, skv, pse_w, pse_thr, adelta, slope
         col = tl.minimum(tl.maximum(col, 0), pse_w - 1)
         x = tl.load(PSE + ps_base + 1023 * sp_i + col * sp_j, mask=inb, other=0.0).to(tl.float32)
     else:
-        dist = tl.abs((j - i).to(tl.int64) + adelta).to(tl.float32)
+        delta = (j0 - i0 + adelta).to(tl.float32)  # exact below 2**24, as the reference's float arange
+        dist = tl.abs((rj - ri).to(tl.float32) + delta)
         if PSE_KIND == 5:
             dist = tl.sqrt_rn(dist)
         x = -slope * dist
@@ -149,11 +159,11 @@ def _keep(i, j, j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP: tl.constexp
 
 
 @triton.jit
-def _logits(s, i, j, scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w, pse_thr, adelta, slope,
+def _logits(s, i0, j0, ri, rj, scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w, pse_thr, adelta, slope,
             PSE_KIND: tl.constexpr, PRE_SCALE: tl.constexpr):
     if PSE_KIND == 0:
         return s * scale
-    bias = _bias(PSE, ps_base, sp_i, sp_j, i, j, sq, skv, pse_w, pse_thr, adelta, slope, PSE_KIND)
+    bias = _bias(PSE, ps_base, sp_i, sp_j, i0, j0, ri, rj, sq, skv, pse_w, pse_thr, adelta, slope, PSE_KIND)
     if PRE_SCALE:
         return (s + bias) * scale
     return s * scale + bias
@@ -234,7 +244,7 @@ def fwd_kernel(
                     mask=(i < sq) & (rd[None, :] < D), other=0.0)
         k_base = K + b64 * sk_b + n2.to(tl.int64) * sk_n + k_row0 * sk_s
         v_base = V + b64 * sv_b + n2.to(tl.int64) * sv_n + k_row0 * sv_s
-        mk_base = b64 * smk_b + n64 * smk_n + mi0 * smk_i + mj0 * smk_j
+        mk_base = b64 * smk_b + n64 * smk_n + mi0
         ps_base = pb.to(tl.int64) * sp_b + n64 * sp_n
         slope = 0.0
         if PSE_KIND >= 4:
@@ -264,15 +274,16 @@ def fwd_kernel(
             j0 = kb * BN
             part = part | (j0 + BN > skv)
             j = j0 + rj[None, :]  # [1, BN]
-            kt = tl.load(k_base + (j0 + rj[None, :]).to(tl.int64) * sk_s + rd[:, None] * sk_d,
+            kt = tl.load(k_base + j0.to(tl.int64) * sk_s + rj[None, :] * sk_s + rd[:, None] * sk_d,
                          mask=(j < skv) & (rd[:, None] < D), other=0.0)  # [BD, BN]
-            v = tl.load(v_base + (j0 + rj[:, None]).to(tl.int64) * sv_s + rdv[None, :] * sv_d,
+            v = tl.load(v_base + j0.to(tl.int64) * sv_s + rj[:, None] * sv_s + rdv[None, :] * sv_d,
                         mask=((j0 + rj[:, None]) < skv) & (rdv[None, :] < DV), other=0.0)  # [BN, BDV]
             s = tl.dot(q, kt, input_precision=PREC)
-            s = _logits(s, i, j, scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w, pse_thr, adelta, slope,
-                        PSE_KIND, PRE_SCALE)
+            s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
+                        pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
             if part:
-                a = _allowed(i, j, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+                a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j,
+                             HAS_MASK)
                 s = tl.where(a, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -308,7 +319,7 @@ def fwd_kernel(
         tl.store(o_base + ri[:, None] * so_s + rdv[None, :] * so_d, out,
                  mask=(i < sq) & (rdv[None, :] < DV))
         rc = tl.arange(0, COPIES)
-        st = b64 * sm_b + n64 * sm_n + soff + n64 * ssn + (i0 + ri[:, None]).to(tl.int64) * sm_s + rc[None, :]
+        st = (b64 * sm_b + n64 * sm_n + soff + n64 * ssn + i0.to(tl.int64) * sm_s) + ri[:, None] * sm_s + rc[None, :]
         smask = (i < sq) & (rc[None, :] < COPIES)
         tl.store(M + st, tl.broadcast_to(m_out[:, None], (BM, COPIES)), mask=smask)
         tl.store(L + st, tl.broadcast_to(l_out[:, None], (BM, COPIES)), mask=smask)
@@ -349,7 +360,7 @@ def bwd_pre_kernel(
         o = tl.load(O + b64 * so_b + n64 * so_n + (q_row0 + i0) * so_s + ri[:, None] * so_s + rd[None, :] * so_d,
                     mask=msk, other=0.0).to(tl.float32)
         r = tl.sum(dy * o, 1)
-        st = b64 * sm_b + n64 * sm_n + soff + n64 * ssn + (i0 + ri).to(tl.int64) * sm_s
+        st = (b64 * sm_b + n64 * sm_n + soff + n64 * ssn + i0.to(tl.int64) * sm_s) + ri * sm_s
         m = tl.load(M + st, mask=rmask, other=0.0)
         lsum = tl.load(L + st, mask=rmask, other=1.0)
         inv = 1.0 / lsum
@@ -411,7 +422,7 @@ def bwd_kv_kernel(
             q_base = Q + b64 * sq_b + n64 * sq_n + q_row0 * sq_s
             y_base = DY + b64 * sy_b + n64 * sy_n + q_row0 * sy_s
             r_base = n64 * r_n + b64 * r_b + q_row0
-            mk_base = b64 * smk_b + n64 * smk_n + mi0 * smk_i + mj0 * smk_j
+            mk_base = b64 * smk_b + n64 * smk_n + mi0
             ps_base = pb.to(tl.int64) * sp_b + n64 * sp_n
             slope = 0.0
             if PSE_KIND >= 4:
@@ -429,20 +440,21 @@ def bwd_kv_kernel(
                 i0 = qb * BM
                 part = part | (i0 + BM > sq) | (j0 + BN > skv)
                 ir = i0 + ri[None, :]  # [1, BM] absolute rows
-                q = tl.load(q_base + (i0 + ri[:, None]).to(tl.int64) * sq_s + rd[None, :] * sq_d,
+                q = tl.load(q_base + i0.to(tl.int64) * sq_s + ri[:, None] * sq_s + rd[None, :] * sq_d,
                             mask=((i0 + ri[:, None]) < sq) & (rd[None, :] < D), other=0.0)  # [BM, BD]
-                dy = tl.load(y_base + (i0 + ri[:, None]).to(tl.int64) * sy_s + rdv[None, :] * sy_d,
+                dy = tl.load(y_base + i0.to(tl.int64) * sy_s + ri[:, None] * sy_s + rdv[None, :] * sy_d,
                              mask=((i0 + ri[:, None]) < sq) & (rdv[None, :] < DV), other=0.0)  # [BM, BDV]
                 rmask = (i0 + ri) < sq
                 mrow = tl.load(RM + r_base + i0 + ri, mask=rmask, other=float("inf"))
                 irow = tl.load(RI + r_base + i0 + ri, mask=rmask, other=0.0)
                 rrow = tl.load(RR + r_base + i0 + ri, mask=rmask, other=0.0)
                 st = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BN, BM]
-                st = _logits(st, ir, jc, scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w, pse_thr, adelta,
-                             slope, PSE_KIND, PRE_SCALE)
+                st = _logits(st, i0, j0, ri[None, :], rj[:, None], scale, PSE, ps_base, sp_i, sp_j, sq, skv,
+                             pse_w, pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
                 pt = tl.exp(st - mrow[None, :]) * irow[None, :]
                 if part:
-                    a = _allowed(ir, jc, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+                    a = _allowed(i0, j0, ri[None, :], rj[:, None], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i,
+                                 smk_j, HAS_MASK)
                     pt = tl.where(a, pt, 0.0)
                 dpt = tl.dot(v, tl.trans(dy), input_precision=PREC)  # [BN, BM]
                 if DROP != 0:
@@ -504,7 +516,7 @@ def bwd_q_kernel(
         rrow = tl.load(RR + r_base + ri, mask=rmask, other=0.0)
         k_base = K + b64 * sk_b + n2.to(tl.int64) * sk_n + k_row0 * sk_s
         v_base = V + b64 * sv_b + n2.to(tl.int64) * sv_n + k_row0 * sv_s
-        mk_base = b64 * smk_b + n64 * smk_n + mi0 * smk_i + mj0 * smk_j
+        mk_base = b64 * smk_b + n64 * smk_n + mi0
         ps_base = pb.to(tl.int64) * sp_b + n64 * sp_n
         slope = 0.0
         if PSE_KIND >= 4:
@@ -532,16 +544,17 @@ def bwd_q_kernel(
             j0 = kb * BN
             part = part | (j0 + BN > skv)
             j = j0 + rj[None, :]
-            kt = tl.load(k_base + (j0 + rj[None, :]).to(tl.int64) * sk_s + rd[:, None] * sk_d,
+            kt = tl.load(k_base + j0.to(tl.int64) * sk_s + rj[None, :] * sk_s + rd[:, None] * sk_d,
                          mask=(j < skv) & (rd[:, None] < D), other=0.0)  # [BD, BN]
-            vt = tl.load(v_base + (j0 + rj[None, :]).to(tl.int64) * sv_s + rdv[:, None] * sv_d,
+            vt = tl.load(v_base + j0.to(tl.int64) * sv_s + rj[None, :] * sv_s + rdv[:, None] * sv_d,
                          mask=(j < skv) & (rdv[:, None] < DV), other=0.0)  # [BDV, BN]
             s = tl.dot(q, kt, input_precision=PREC)
-            s = _logits(s, i, j, scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w, pse_thr, adelta, slope,
-                        PSE_KIND, PRE_SCALE)
+            s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
+                        pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
             p = tl.exp(s - mrow[:, None]) * irow[:, None]
             if part:
-                a = _allowed(i, j, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+                a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j,
+                             HAS_MASK)
                 p = tl.where(a, p, 0.0)
             dp = tl.dot(dy, vt, input_precision=PREC)
             if DROP != 0:
@@ -633,24 +646,25 @@ def bwd_pse_kernel(
             nonempty = nonempty & (((jb + BJ - 1 - i0 >= LO) & (jb - (i1 - 1) <= HI)) | (jb < pfx))
             if nonempty:
                 rok = (iv < ilim) & (iv < SQ) & (iv >= 0)
-                q = tl.load(Q + b64 * sq_b + n64 * sq_n + iv.to(tl.int64) * sq_s + rd[None, :] * sq_d,
-                            mask=rok & (rd[None, :] < D), other=0.0)
-                dy = tl.load(DY + b64 * sy_b + n64 * sy_n + iv.to(tl.int64) * sy_s + rdv[None, :] * sy_d,
-                             mask=rok & (rdv[None, :] < DV), other=0.0)
+                q = tl.load(Q + (b64 * sq_b + n64 * sq_n + i0.to(tl.int64) * sq_s) + ri[:, None] * sq_s
+                            + rd[None, :] * sq_d, mask=rok & (rd[None, :] < D), other=0.0)
+                dy = tl.load(DY + (b64 * sy_b + n64 * sy_n + i0.to(tl.int64) * sy_s) + ri[:, None] * sy_s
+                             + rdv[None, :] * sy_d, mask=rok & (rdv[None, :] < DV), other=0.0)
                 cok = (jv >= 0) & (jv < SKV)
-                kt = tl.load(K + b64 * sk_b + n2.to(tl.int64) * sk_n + jv.to(tl.int64) * sk_s + rd[:, None] * sk_d,
-                             mask=cok & (rd[:, None] < D), other=0.0)  # [BD, BJ]
-                vt = tl.load(V + b64 * sv_b + n2.to(tl.int64) * sv_n + jv.to(tl.int64) * sv_s + rdv[:, None] * sv_d,
-                             mask=cok & (rdv[:, None] < DV), other=0.0)  # [BDV, BJ]
+                kt = tl.load(K + (b64 * sk_b + n2.to(tl.int64) * sk_n + jb.to(tl.int64) * sk_s) + rjj[None, :] * sk_s
+                             + rd[:, None] * sk_d, mask=cok & (rd[:, None] < D), other=0.0)  # [BD, BJ]
+                vt = tl.load(V + (b64 * sv_b + n2.to(tl.int64) * sv_n + jb.to(tl.int64) * sv_s) + rjj[None, :] * sv_s
+                             + rdv[:, None] * sv_d, mask=cok & (rdv[:, None] < DV), other=0.0)  # [BDV, BJ]
                 ro = n64 * r_n + b64 * r_b + i0 + ri
                 rm1 = ((i0 + ri) < ilim) & ((i0 + ri) < SQ) & ((i0 + ri) >= 0)
                 mrow = tl.load(RM + ro, mask=rm1, other=float("inf"))
                 irow = tl.load(RI + ro, mask=rm1, other=0.0)
                 rrow = tl.load(RR + ro, mask=rm1, other=0.0)
                 s = tl.dot(q, kt, input_precision=PREC)
-                s = _logits(s, iv, jv, scale, PSE, ps_base, sp_i, sp_j, SQ, SKV, pse_w, pse_thr, 0, 0.0,
-                            PSE_KIND, PRE_SCALE)
-                a = _allowed(iv, jv, SQ, SKV, LO, HI, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+                s = _logits(s, i0, jb, ri[:, None], rjj[None, :], scale, PSE, ps_base, sp_i, sp_j, SQ, SKV, pse_w,
+                            pse_thr, 0, 0.0, PSE_KIND, PRE_SCALE)
+                a = _allowed(i0, jb, ri[:, None], rjj[None, :], SQ, SKV, LO, HI, pfx, MASK, mk_base, smk_i, smk_j,
+                             HAS_MASK)
                 a = a & rok & (jv >= 0)
                 p = tl.where(a, tl.exp(s - mrow[:, None]) * irow[:, None], 0.0)
                 dp = tl.dot(dy, vt, input_precision=PREC)
@@ -675,12 +689,12 @@ def bwd_pse_kernel(
         rows = r0 + ri[:, None]
         nrows = tl.where(MODE == 2, 1024, SQ)
         om = (rows < nrows) & (cj[None, :] < pse_w)
-        ptr = dp_base + rows.to(tl.int64) * sdp_i + cj[None, :] * sdp_j
+        ptr = dp_base + r0.to(tl.int64) * sdp_i + c0.to(tl.int64) * sdp_j + ri[:, None] * sdp_i + rj[None, :] * sdp_j
         old = tl.load(ptr, mask=om, other=0.0)
         tl.store(ptr, old + acc, mask=om)
     else:
         row = tl.where(MODE == 3, 1023, 0)
         om = cj < pse_w
-        ptr = dp_base + row * sdp_i + cj * sdp_j
+        ptr = dp_base + row * sdp_i + c0.to(tl.int64) * sdp_j + rj * sdp_j
         old = tl.load(ptr, mask=om, other=0.0)
         tl.store(ptr, old + colacc, mask=om)
