@@ -394,7 +394,8 @@ def write_msprobe_dump(root, calls, task="tensor"):
         if api == "npu_fusion_attention":
             out[4] = out[5] = None  # msprobe's builtin ignore rule for seed / offset
         data[base] = {"input_args": [_ms_entry(a, data_dir, f"{base}.input.{i}", save) for i, a in enumerate(args)],
-                      "input_kwargs": {k: _ms_entry(x, data_dir, f"{base}.kwargs.{k}", save) for k, x in kwargs.items()},
+                      "input_kwargs": {k: _ms_entry(x, data_dir, f"{base}.kwargs.{k}", save)
+                                       for k, x in kwargs.items()},
                       "output": out}
         if backward is not None:
             bb = f"NPU.{api}.{n}.backward"

@@ -504,7 +504,8 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
         rep.bound = float(ratio.max()) if ratio.numel() else 0.0  # largest err / tol
         rep.ok = not bool(beyond.any())
         if s4 is not None:
-            rep.ref_same_err = float(((s4 - r4).abs() * ~sentinel).nan_to_num(nan=math.inf, posinf=math.inf).max()) if err.numel() else 0.0
+            se = _inf_nan((s4 - r4).abs() * ~sentinel)
+            rep.ref_same_err = float(se.max()) if se.numel() else 0.0
         if l4 is not None:
             le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
             le = torch.where(sentinel, torch.where(l4 == r4, torch.zeros_like(le), torch.full_like(le, math.inf)), le)
@@ -513,7 +514,7 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
     else:
         factor = 2.0 if rule == "out" else 3.0
         fin = finite_ref
-        same = float((s4 - r4).abs()[fin].nan_to_num(nan=math.inf, posinf=math.inf).max()) if s4 is not None and bool(fin.any()) else 0.0
+        same = float(_inf_nan((s4 - r4).abs()[fin]).max()) if s4 is not None and bool(fin.any()) else 0.0
         scale = max(1.0, float(r4.abs()[fin].max())) if bool(fin.any()) else 1.0
         bound = factor * same + EPS.get(dtype, 1e-5) * scale
         beyond = ~(err <= bound)
@@ -563,7 +564,8 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
         order = sorted(bad.tolist(), key=lambda p: -float(tiles[tuple(p)]))[: opts.max_positions]
         et = _tiles(err, opts.block)
         rep.worst_tiles = [{"batch": p[0], "head": p[1], "q_block": p[2], "k_block": p[3],
-                            "rows": _span(p[2], opts.block, err.shape[2]), "cols": _span(p[3], opts.block, err.shape[3]),
+                            "rows": _span(p[2], opts.block, err.shape[2]),
+                            "cols": _span(p[3], opts.block, err.shape[3]),
                             "max_err": float(et[tuple(p)]), "ratio": float(tiles[tuple(p)])} for p in order]
     else:
         rb = _row_blocks(rat, opts.block)
@@ -575,6 +577,11 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
     if b4 == 0:
         rep.worst_tiles = []
     return rep
+
+
+def _inf_nan(x: Tensor) -> Tensor:
+    """NaN -> inf (a NaN error is the worst error), inf kept."""
+    return torch.nan_to_num(x, nan=math.inf, posinf=math.inf)
 
 
 def _span(i: int, block: int, n: int) -> str:
@@ -825,7 +832,8 @@ def compare_record(rec: Record, opts: Options) -> list[CallReport]:
         lib = None
         call.notes.append(f"fascore engine {engine!r} failed on this call: {type(e).__name__}: {e}")
     if rec.recorded_error:
-        call.notes.append(f"the recorded run raised {rec.recorded_error.get('type')}: {rec.recorded_error.get('message')}")
+        e = rec.recorded_error
+        call.notes.append(f"the recorded run raised {e.get('type')}: {e.get('message')}")
     if outputs is None:
         call.message = "the record holds no outputs"
         return reports
@@ -879,7 +887,9 @@ def _compare_backward(rec: Record, named: dict, outputs: list, g: Geometry, engi
     if not _is_tensor(dy):
         call.message = "the backward record holds no dy (gradient of attention_out)"
         return call
-    grads = bw.get("grads") if bw.get("grads") is not None else _map_grad_list(named, rec.api, bw.get("grad_list") or [])
+    grads = bw.get("grads")
+    if grads is None:
+        grads = _map_grad_list(named, rec.api, bw.get("grad_list") or [])
     wrt = [n for n in ("query", "key", "value", "pse", "sink", "query_rope", "key_rope")
            if _is_tensor(grads.get(n)) and _is_tensor(named.get(n))]
     if "pse" in wrt and _pse_type(rec.api, named) not in (0, 1):
@@ -925,7 +935,8 @@ def _where(t: TensorReport) -> str:
     bits = []
     n_heads = len(t.heads)
     if t.bad_heads:
-        bits.append(f"heads {_compact(t.bad_heads)} of {n_heads}" if len(t.bad_heads) < n_heads else f"all {n_heads} heads")
+        bits.append(f"heads {_compact(t.bad_heads)} of {n_heads}" if len(t.bad_heads) < n_heads else
+                    f"all {n_heads} heads")
     nb = len(t.block_max[0]) if t.block_max else 0
     if t.bad_blocks:
         bits.append(f"{t.row_axis} blocks {_compact(t.bad_blocks)} of {nb}" if len(t.bad_blocks) < nb else
@@ -1205,7 +1216,8 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
     for c in report.calls:
         g = c.geometry
         shape = (f"{g.get('layout', '?')} {g.get('dtype', '')} B{g.get('B')} N{g.get('N1')}/{g.get('N2')} "
-                 f"S{g.get('Sq')}x{g.get('Skv')} D{g.get('D')}" + (f" m{g['sparse_mode']}" if g.get("sparse_mode") else "")
+                 f"S{g.get('Sq')}x{g.get('Skv')} D{g.get('D')}"
+                 + (f" m{g['sparse_mode']}" if g.get("sparse_mode") else "")
                  ) if g else "-"
         w = c.worst()
         worst = f"{w.name}: {_ratio_text(w)}" if w is not None else "-"
@@ -1235,8 +1247,9 @@ def print_report(report: Report, console: Any = None, detail: bool = True) -> No
             for line in c.diagnosis:
                 con.print(f"  [bold]diagnosis[/bold]: {line}")
             if c.invalid_rows.get("differ"):
-                con.print(f"  invalid rows: {c.invalid_rows['differ']} differ (reference {c.invalid_rows['ref_invalid']}, "
-                          f"recorded {c.invalid_rows['recorded_invalid']})")
+                iv = c.invalid_rows
+                con.print(f"  invalid rows: {iv['differ']} differ (reference {iv['ref_invalid']}, "
+                          f"recorded {iv['recorded_invalid']})")
             if c.heatmap:
                 con.print(f"  heatmap: {c.heatmap}")
         for c in report.calls:
