@@ -10,25 +10,23 @@ failed build warns once and leaves the extension unavailable (the PyTorch engine
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import platform
 import sys
 import threading
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("native.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
 HEADERS = ("args.h", "kernels_impl.h", "simd_avx2.h", "simd_generic.h")
-CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c++17")
-_BUILD_VERSION = "1"
+CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")
+_BUILD_VERSION = "2"
 
 _lock = threading.Lock()
-_ext: ModuleType | None = None
+_ext: "Extension | None" = None
 _error: str | None = None
 _warned = False
 
@@ -57,17 +55,26 @@ def module_name(key: str) -> str:
     return f"fascore_native_{key}"
 
 
-def _import_built(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules[name] = mod
-    return mod
+class Extension:
+    """The built library's operators (``torch.ops.<name>.*``) under plain names."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name, self.path = name, path
+        ops = getattr(torch.ops, name)
+        self.forward = ops.forward
+        self.backward = ops.backward
+        self.isa = ops.isa
+        self.set_isa = ops.set_isa
+        self.scratch_bytes = ops.scratch_bytes
+        self.num_threads = ops.num_threads
 
 
-def _compile(key: str, verbose: bool) -> ModuleType:
+def _load_built(name: str, path: Path) -> Extension:
+    torch.ops.load_library(str(path))
+    return Extension(name, path)
+
+
+def _compile(key: str, verbose: bool) -> Extension:
     from torch.utils import cpp_extension
 
     name = module_name(key)
@@ -76,17 +83,17 @@ def _compile(key: str, verbose: bool) -> ModuleType:
     done = build_dir / "built.ok"
     so = build_dir / f"{name}.so"
     if done.exists() and so.exists():
-        return _import_built(name, so)
+        return _load_built(name, so)
     print(f"fascore: compiling the native CPU engine (one time, about a minute) in {build_dir}",
           file=sys.stderr, flush=True)
-    mod = cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in SOURCES],
-                             extra_cflags=list(CFLAGS), extra_include_paths=[str(_CSRC)],
-                             build_directory=str(build_dir), verbose=verbose)
+    cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                       extra_include_paths=[str(_CSRC)], build_directory=str(build_dir), verbose=verbose,
+                       is_python_module=False)
     done.write_text(f"{torch.__version__}\n")
-    return mod
+    return Extension(name, so)
 
 
-def extension(verbose: bool = False) -> ModuleType | None:
+def extension(verbose: bool = False) -> "Extension | None":
     """The loaded extension, building it on first use; None when unavailable (see ``error()``)."""
     global _ext, _error, _warned
     if _ext is not None:

@@ -762,7 +762,7 @@ struct Bwd {
 };
 
 struct BwdBuf {
-  float *q, *dy, *s, *pd, *dp, *kt, *vt, *kr, *dka, *dva, *bias;
+  float *q, *dy, *s, *pd, *dp, *kt, *vt, *kr, *vr, *dka, *dva, *bias;
   uint8_t *keep, *bytes;
 };
 
@@ -776,7 +776,8 @@ static void bwd_layout(const Args& a, int64_t bkp, Arena& ar, BwdBuf& w) {
   w.kt = ar.take<float>(bkp * a.D);
   w.vt = ar.take<float>(bkp * a.Dv);
   w.kr = ar.take<float>(bkp * a.Dp);
-  w.dka = ar.take<float>(bkp * std::max(a.Dp, a.Dvp));
+  w.vr = ar.take<float>(bkp * a.Dvp);
+  w.dka = ar.take<float>(bkp * a.Dp);
   w.dva = ar.take<float>(bkp * a.Dvp);
   w.bias = ar.take<float>(bkp);
   w.keep = ar.take<uint8_t>(M * bkp);
@@ -824,7 +825,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
     const float* vr;
     int64_t vrs;
     const int64_t voff = b * a.v.s[0] + n2 * a.v.s[1] + j0 * a.v.s[2];
-    float* vbuf = w.dka;  // dka is not in use yet: V rows go through it when converted
+    float* vbuf = w.vr;
     if (v_inplace) {
       vr = static_cast<const float*>(a.v.p) + voff;
       vrs = a.v.s[2];

@@ -1,7 +1,12 @@
 // ATen front end of the native engine: checks shapes, fills the plain Args, allocates the
 // float32 outputs and runs one kernel pass on the intra-op thread pool (at::parallel_for).
-#include <torch/extension.h>
+// Registered as torch operators (TORCH_LIBRARY, no pybind: light headers, short build) in the
+// namespace TORCH_EXTENSION_NAME, one per build.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <string>
@@ -174,8 +179,10 @@ int run(const Args& a, bool bwd) {
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& ex,
                                 const OptT& pse, const OptT& slopes, const OptT& sink, const OptT& bits,
-                                const OptT& prefix, const OptT& dbase, std::vector<int64_t> ip,
-                                std::vector<double> fp) {
+                                const OptT& prefix, const OptT& dbase, c10::ArrayRef<int64_t> ipr,
+                                c10::ArrayRef<double> fpr) {
+  const std::vector<int64_t> ip(ipr.begin(), ipr.end());
+  const std::vector<double> fp(fpr.begin(), fpr.end());
   Args a = make_args(q, k, v, ex, pse, slopes, sink, bits, prefix, dbase, ip, fp);
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = at::empty({a.B, a.N1, a.Sq, a.Dvp}, f32);
@@ -192,7 +199,9 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& o, const at::Tensor& m, const at::Tensor& l, const OptT& ex,
                                  const OptT& pse, const OptT& slopes, const OptT& sink, const OptT& bits,
                                  const OptT& prefix, const OptT& dbase, const OptT& dpse, const OptT& dsink,
-                                 std::vector<int64_t> ip, std::vector<double> fp) {
+                                 c10::ArrayRef<int64_t> ipr, c10::ArrayRef<double> fpr) {
+  const std::vector<int64_t> ip(ipr.begin(), ipr.end());
+  const std::vector<double> fp(fpr.begin(), fpr.end());
   Args a = make_args(q, k, v, ex, pse, slopes, sink, bits, prefix, dbase, ip, fp);
   a.dy = view4(dy, "dy");
   a.o = view4(o, "attention_in");
@@ -277,7 +286,7 @@ std::string isa_name() {
   return isa() == 1 ? fascore_native::avx2::isa_name() : fascore_native::generic::isa_name();
 }
 
-void set_isa(const std::string& name) {
+void set_isa(std::string name) {
   if (name == "auto") {
     g_isa = -1;
   } else if (name == "avx2") {
@@ -304,12 +313,18 @@ int64_t scratch_bytes(int64_t G, int64_t bq, int64_t bk, int64_t D, int64_t Dv, 
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fascore native CPU engine (FlashAttentionScore forward / backward)";
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("isa", &isa_name);
-  m.def("set_isa", &set_isa);
-  m.def("scratch_bytes", &scratch_bytes);
-  m.def("num_threads", []() { return at::get_num_threads(); });
+int64_t num_threads() { return at::get_num_threads(); }
+
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? ex, Tensor? pse, Tensor? slopes, Tensor? sink, "
+        "Tensor? bits, Tensor? prefix, Tensor? dbase, int[] ip, float[] fp) -> Tensor[]",
+        &forward);
+  m.def("backward(Tensor q, Tensor k, Tensor v, Tensor dy, Tensor o, Tensor m, Tensor l, Tensor? ex, Tensor? pse, "
+        "Tensor? slopes, Tensor? sink, Tensor? bits, Tensor? prefix, Tensor? dbase, Tensor(a!)? dpse, Tensor(b!)? dsink, "
+        "int[] ip, float[] fp) -> Tensor[]",
+        &backward);
+  m.def("isa() -> str", &isa_name);
+  m.def("set_isa(str name) -> ()", &set_isa);
+  m.def("scratch_bytes(int G, int bq, int bk, int D, int Dv, bool bwd) -> int", &scratch_bytes);
+  m.def("num_threads() -> int", &num_threads);
 }
