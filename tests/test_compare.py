@@ -380,10 +380,10 @@ def _ms_entry(v, data_dir, stem, save=True):
     return {"type": type(v).__name__, "value": v}
 
 
-def write_msprobe_dump(root, calls, task="tensor"):
+def write_msprobe_dump(root, calls, task="tensor", rank="rank0"):
     """An msprobe PyTorch L1 dump of ``calls`` [(api, n, args, kwargs, outputs, backward)] with
     backward = (grads of the outputs, grads of the tensor inputs) or None."""
-    rank = root / "step0" / "rank0"
+    rank = root / "step0" / rank
     data_dir = rank / "dump_tensor_data"
     data_dir.mkdir(parents=True)
     data = {}
@@ -466,6 +466,18 @@ def test_msprobe_dump_clean_and_faulty(tmp_path):
     assert ax["attention_out"]["shape"] == [N, S // BLOCK]
     axb = {a["tensor"]: a for a in bw1.heatmap_axes}
     assert axb["dk"]["xlabel"].startswith("key block") and axb["dk"]["ylabel"] == "kv head"
+
+
+def test_msprobe_dump_of_two_ranks(tmp_path):
+    write_msprobe_dump(tmp_path / "d", [_ms_call(0)], rank="rank0")
+    write_msprobe_dump(tmp_path / "d", [_ms_call(0, seed=4, corrupt="head1")], rank="rank1")
+    report = cmp.compare(tmp_path / "d", block=BLOCK, diagnose=False)
+    got = [(c.name, c.verdict) for c in report.calls if c.kind == "forward"]
+    assert got == [("step0/rank0:NPU.npu_fusion_attention.0", cmp.WITHIN),
+                   ("step0/rank1:NPU.npu_fusion_attention.0", cmp.OUT)]
+    # a rank directory alone: plain names
+    report = cmp.compare(tmp_path / "d" / "step0" / "rank1", block=BLOCK, diagnose=False)
+    assert report.calls[0].name == "NPU.npu_fusion_attention.0"
 
 
 def test_msprobe_statistics_dump_is_skipped(tmp_path):

@@ -48,7 +48,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -1306,7 +1306,3 @@ def _parse_seed(text: str) -> tuple[str, tuple[int, int]]:
     except ValueError:
         raise ValueError(f"--dropout-seed {text!r}: expected NAME=SEED or NAME=SEED,OFFSET") from None
     return name, (parts[0], parts[1] if len(parts) == 2 else 0)
-
-
-def iter_calls(report: Report, verdict: str | None = None) -> Iterable[CallReport]:
-    return (c for c in report.calls if verdict is None or c.verdict == verdict)
