@@ -123,18 +123,25 @@ def _bstride(t: Tensor, dim: int) -> int:
     return 0 if t.shape[dim] == 1 else t.stride(dim)
 
 
-def _csr(kinds: Tensor, transpose: bool) -> tuple[Tensor, Tensor]:
-    """Non-empty tiles of a block plan per row (per column if ``transpose``) as (ptr, codes):
-    code = block * 2 + (tile is PARTIAL), blocks in increasing order."""
-    k = kinds.t() if transpose else kinds
-    nz = k != fa.EMPTY
-    ptr = torch.zeros(k.shape[0] + 1, dtype=torch.int32, device=k.device)
-    ptr[1:] = nz.sum(1).cumsum(0).to(torch.int32)
-    _, col = nz.nonzero(as_tuple=True)
-    codes = (col * 2 + (k[nz] == fa.PARTIAL).to(col.dtype)).to(torch.int32)
-    if codes.numel() == 0:
-        codes = torch.zeros(1, dtype=torch.int32, device=k.device)
-    return ptr, codes
+def _csr(kinds: Tensor, transpose: bool, bn: int, skv: int) -> tuple[Tensor, Tensor]:
+    """Non-empty tiles of a block plan per row (per column if ``transpose``) as (ptr, blocks):
+    row r's FULL tiles are blocks[ptr[2r]:ptr[2r+1]], its PARTIAL ones blocks[ptr[2r+1]:ptr[2r+2]],
+    each in increasing order. Tiles cut by the end of the keys count as PARTIAL (bounds mask)."""
+    k = kinds.clone()
+    if skv % bn and k.shape[1]:
+        last = k[:, -1]
+        k[:, -1] = torch.where(last == fa.FULL, torch.full_like(last, fa.PARTIAL), last)
+    k = k.t() if transpose else k
+    full, part = k == fa.FULL, k == fa.PARTIAL
+    counts = torch.stack([full.sum(1), part.sum(1)], 1).flatten()
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=k.device)
+    ptr[1:] = counts.cumsum(0).to(torch.int32)
+    r, c = (full | part).nonzero(as_tuple=True)
+    key = (r * 2 + part[r, c].to(r.dtype)) * max(k.shape[1], 1) + c
+    blocks = c[torch.argsort(key)].to(torch.int32)
+    if blocks.numel() == 0:
+        blocks = torch.zeros(1, dtype=torch.int32, device=k.device)
+    return ptr, blocks
 
 
 class _Args:
@@ -224,7 +231,7 @@ class _Args:
         if self.mk is None:
             return None, None
         kinds = fa.plan_blocks(self.mask, bm, bn, self.dev)
-        return _csr(kinds, transpose)
+        return _csr(kinds, transpose, bn, self.skv)
 
     @property
     def reverse(self) -> bool:
@@ -449,7 +456,7 @@ class _Table:
             ptrs, codes, p_off, c_off = [], [], 0, 0
             for x, s in enumerate(self.segs):
                 kinds = fa.plan_blocks(s.mask, bm, bn, self.a.dev)
-                ptr, code = _csr(kinds, transpose)
+                ptr, code = _csr(kinds, transpose, bn, s.k.shape[2])
                 r[x, 14] = p_off
                 ptrs.append(ptr + c_off)
                 n_codes = int(ptr[-1])

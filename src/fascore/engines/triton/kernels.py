@@ -139,7 +139,7 @@ def _keep(i, j, j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP: tl.constexp
     row_e = dbase + (n.to(tl.int64) * sq + i.to(tl.int64)) * drow  # [BM, 1] element number of (i, 0)
     if DROP == 1:
         e = row_e + j.to(tl.int64)
-        byte = tl.load(BITS + (e >> 3))
+        byte = tl.load(BITS + (e >> 3), mask=(i < sq) & (j < drow), other=0)
         k = ((byte.to(tl.int32) >> (e & 7).to(tl.int32)) & 1) != 0
     elif ALIGNED:
         c = ctr0 + ((row_e + j0) >> 4) + tl.arange(0, BN // 16).to(tl.int64)[None, :]  # [BM, BN/16]
@@ -208,6 +208,174 @@ def _query_range(j0, j1, sq, lo, hi, pfx, BM: tl.constexpr):
     return ib0, ib1
 
 
+@triton.jit
+def _pick(t, l0, s0, l1, s1, l2, s2, l3, s3):
+    """Block of the t-th entry of the concatenated ranges [s_k, s_k + l_k)."""
+    kb = s0 + t
+    kb = tl.where(t >= l0, s1 + (t - l0), kb)
+    kb = tl.where(t >= l0 + l1, s2 + (t - l0 - l1), kb)
+    kb = tl.where(t >= l0 + l1 + l2, s3 + (t - l0 - l1 - l2), kb)
+    return kb
+
+
+@triton.jit
+def _key_sets(i0, i1, skv, lo, hi, pfx, BN: tl.constexpr):
+    """Key blocks of rows [i0, i1) as FULL ranges (2) and PARTIAL ranges (4), (length, start) each.
+
+    Non-empty: prefix blocks [0, c1) and band blocks [s2, e2). FULL: blocks inside the prefix
+    [0, pf) and blocks inside the band for every row [h0, h1), both within the sequence.
+    """
+    c1, s2, n2 = _key_range(i0, i1, skv, lo, hi, pfx, BN)
+    e2 = s2 + n2
+    nfull = skv // BN
+    pf = tl.minimum(tl.minimum(tl.maximum(tl.minimum(pfx, skv), 0) // BN, c1), nfull)
+    g0 = tl.cdiv(tl.maximum(i1 - 1 + lo, 0), BN)
+    g1 = tl.minimum(tl.maximum(i0 + hi + 1, 0) // BN, nfull)
+    h0 = tl.maximum(g0, pf)
+    h1 = tl.maximum(g1, h0)
+    fl0 = pf
+    fl1 = h1 - h0
+    pl0 = tl.maximum(tl.minimum(c1, h0) - pf, 0)
+    ps1 = tl.maximum(pf, h1)
+    pl1 = tl.maximum(c1 - ps1, 0)
+    pl2 = tl.maximum(tl.minimum(e2, h0) - s2, 0)
+    ps3 = tl.maximum(s2, h1)
+    pl3 = tl.maximum(e2 - ps3, 0)
+    return fl0, fl1, h0, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3
+
+
+@triton.jit
+def _query_sets(j0, sq, skv, lo, hi, pfx, BM: tl.constexpr, BN: tl.constexpr):
+    """Query blocks of key block [j0, j0 + BN) as one FULL range and two PARTIAL ranges."""
+    j1 = tl.minimum(j0 + BN, skv)
+    n0, n1 = _query_range(j0, j1, sq, lo, hi, pfx, BM)
+    nfull = sq // BM
+    in_seq = j0 + BN <= skv
+    b0 = tl.cdiv(tl.maximum(j0 + BN - 1 - hi, 0), BM)
+    b1 = tl.minimum(tl.maximum(j0 - lo + 1, 0) // BM, nfull)
+    allp = j0 + BN <= pfx
+    f0 = tl.where(allp, 0, b0)
+    f1 = tl.where(allp, nfull, b1)
+    f1 = tl.where(in_seq, f1, f0)
+    f0 = tl.minimum(tl.maximum(f0, n0), n1)
+    f1 = tl.minimum(tl.maximum(f1, f0), n1)
+    return f0, f1 - f0, n0, f0 - n0, f1, n1 - f1
+
+
+@triton.jit
+def _fwd_tile(q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d, sv_s, sv_d, D, DV,
+              scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base, smk_i, smk_j,
+              dbase, drow, BITS, ctr0, seed, thr,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PSE_KIND: tl.constexpr,
+              PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr,
+              SPLIT_P: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the online softmax; MASKED applies the take-part rule and the bounds."""
+    ri = tl.arange(0, BM)
+    rj = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    j0 = kb * BN
+    kt = tl.load(k_base + j0.to(tl.int64) * sk_s + rj[None, :] * sk_s + rd[:, None] * sk_d,
+                 mask=((j0 + rj[None, :]) < skv) & (rd[:, None] < D), other=0.0)  # [BD, BN]
+    v = tl.load(v_base + j0.to(tl.int64) * sv_s + rj[:, None] * sv_s + rdv[None, :] * sv_d,
+                mask=((j0 + rj[:, None]) < skv) & (rdv[None, :] < DV), other=0.0)  # [BN, BDV]
+    s = tl.dot(q, kt, input_precision=PREC)
+    s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
+                pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
+    if MASKED:
+        a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+        s = tl.where(a, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROP != 0:
+        kp = _keep(i0 + ri[:, None], j0 + rj[None, :], j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP, BM, BN,
+                   True)
+        p = tl.where(kp, p, 0.0)
+    p_hi = p.to(v.dtype)
+    acc = tl.dot(p_hi, v, acc, input_precision=PREC)
+    if SPLIT_P:
+        acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d, sv_s, sv_d,
+             D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base, smk_i, smk_j,
+             dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PSE_KIND: tl.constexpr,
+             PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr,
+             MASKED: tl.constexpr):
+    ri = tl.arange(0, BM)
+    rj = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    j0 = kb * BN
+    kt = tl.load(k_base + j0.to(tl.int64) * sk_s + rj[None, :] * sk_s + rd[:, None] * sk_d,
+                 mask=((j0 + rj[None, :]) < skv) & (rd[:, None] < D), other=0.0)  # [BD, BN]
+    vt = tl.load(v_base + j0.to(tl.int64) * sv_s + rj[None, :] * sv_s + rdv[:, None] * sv_d,
+                 mask=((j0 + rj[None, :]) < skv) & (rdv[:, None] < DV), other=0.0)  # [BDV, BN]
+    s = tl.dot(q, kt, input_precision=PREC)
+    s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
+                pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
+    p = tl.exp(s - mrow[:, None]) * irow[:, None]
+    if MASKED:
+        a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+        p = tl.where(a, p, 0.0)
+    dp = tl.dot(dy, vt, input_precision=PREC)
+    if DROP != 0:
+        kp = _keep(i0 + ri[:, None], j0 + rj[None, :], j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP, BM, BN,
+                   True)
+        dp = tl.where(kp, dp * inv_keep, 0.0)
+    ds = p * (dp - rrow[:, None])
+    return tl.dot(ds.to(q.dtype), tl.trans(kt), dq, input_precision=PREC)
+
+
+@triton.jit
+def _dkdv_tile(k, v, qb, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d, sy_s, sy_d, RM, RI, RR,
+               r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base, smk_i,
+               smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PSE_KIND: tl.constexpr,
+               PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One query block's contribution to dK, dV of a key block (transposed tiles [BN, BM])."""
+    ri = tl.arange(0, BM)
+    rj = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    i0 = qb * BM
+    rmask = (i0 + ri) < sq
+    q = tl.load(q_base + i0.to(tl.int64) * sq_s + ri[:, None] * sq_s + rd[None, :] * sq_d,
+                mask=rmask[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
+    dy = tl.load(y_base + i0.to(tl.int64) * sy_s + ri[:, None] * sy_s + rdv[None, :] * sy_d,
+                 mask=rmask[:, None] & (rdv[None, :] < DV), other=0.0)  # [BM, BDV]
+    mrow = tl.load(RM + r_base + i0 + ri, mask=rmask, other=float("inf"))
+    irow = tl.load(RI + r_base + i0 + ri, mask=rmask, other=0.0)
+    rrow = tl.load(RR + r_base + i0 + ri, mask=rmask, other=0.0)
+    st = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BN, BM]
+    st = _logits(st, i0, j0, ri[None, :], rj[:, None], scale, PSE, ps_base, sp_i, sp_j, sq, skv,
+                 pse_w, pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
+    pt = tl.exp(st - mrow[None, :]) * irow[None, :]
+    if MASKED:
+        a = _allowed(i0, j0, ri[None, :], rj[:, None], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
+        pt = tl.where(a, pt, 0.0)
+    dpt = tl.dot(v, tl.trans(dy), input_precision=PREC)  # [BN, BM]
+    if DROP != 0:
+        kp = tl.trans(_keep(i0 + ri[:, None], j0 + rj[None, :], j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP,
+                            BM, BN, True))
+        pdt = tl.where(kp, pt * inv_keep, 0.0)
+        dpt = tl.where(kp, dpt * inv_keep, 0.0)
+    else:
+        pdt = pt
+    dv = tl.dot(pdt.to(dy.dtype), dy, dv, input_precision=PREC)
+    dst = pt * (dpt - rrow[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def fwd_kernel(
@@ -252,53 +420,39 @@ def fwd_kernel(
         m_i = tl.full((BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, BDV), tl.float32)
-        if HAS_MASK:
-            t0 = tl.load(PLAN_PTR + poff + pid)
-            nt = tl.load(PLAN_PTR + poff + pid + 1) - t0
-            c1 = 0
-            s2 = 0
+        if HAS_MASK:  # block plan: FULL tiles at [p0, p1), PARTIAL at [p1, p2)
+            pp = PLAN_PTR + poff + 2 * pid
+            p0 = tl.load(pp)
+            p1 = tl.load(pp + 1)
+            p2 = tl.load(pp + 2)
+            for t in range(p0, p1):
+                m_i, l_i, acc = _fwd_tile(
+                    q, tl.load(PLAN_KB + t), m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
+                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
+                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
+                    DROP, PREC, SPLIT_P, False)
+            for t in range(p1, p2):
+                m_i, l_i, acc = _fwd_tile(
+                    q, tl.load(PLAN_KB + t), m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
+                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
+                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
+                    DROP, PREC, SPLIT_P, True)
         else:
-            c1, s2, c2 = _key_range(i0, i1, skv, lo, hi, pfx, BN)
-            nt = c1 + c2
-            t0 = 0
-        for t in range(0, nt):
-            if HAS_MASK:
-                code = tl.load(PLAN_KB + t0 + t)
-                kb = code >> 1
-                part = (code & 1) != 0
-            else:
-                kb = tl.where(t < c1, t, s2 + t - c1)
-                j0b = kb * BN
-                full = ((j0b - (i1 - 1) >= lo) & (j0b + BN - 1 - i0 <= hi)) | (j0b + BN <= pfx)
-                part = ~full
-            j0 = kb * BN
-            part = part | (j0 + BN > skv)
-            j = j0 + rj[None, :]  # [1, BN]
-            kt = tl.load(k_base + j0.to(tl.int64) * sk_s + rj[None, :] * sk_s + rd[:, None] * sk_d,
-                         mask=(j < skv) & (rd[:, None] < D), other=0.0)  # [BD, BN]
-            v = tl.load(v_base + j0.to(tl.int64) * sv_s + rj[:, None] * sv_s + rdv[None, :] * sv_d,
-                        mask=((j0 + rj[:, None]) < skv) & (rdv[None, :] < DV), other=0.0)  # [BN, BDV]
-            s = tl.dot(q, kt, input_precision=PREC)
-            s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
-                        pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
-            if part:
-                a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j,
-                             HAS_MASK)
-                s = tl.where(a, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if DROP != 0:
-                kp = _keep(i, j, j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP, BM, BN, True)
-                p = tl.where(kp, p, 0.0)
-            p_hi = p.to(v.dtype)
-            acc = tl.dot(p_hi, v, acc, input_precision=PREC)
-            if SPLIT_P:
-                acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc, input_precision=PREC)
-            m_i = m_new
+            fl0, fl1, h0, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3 = _key_sets(i0, i1, skv, lo, hi, pfx, BN)
+            for t in range(0, fl0 + fl1):
+                kb = _pick(t, fl0, 0, fl1, h0, 0, 0, 0, 0)
+                m_i, l_i, acc = _fwd_tile(
+                    q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
+                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
+                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
+                    DROP, PREC, SPLIT_P, False)
+            for t in range(0, pl0 + pl1 + pl2 + pl3):
+                kb = _pick(t, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3)
+                m_i, l_i, acc = _fwd_tile(
+                    q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
+                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
+                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
+                    DROP, PREC, SPLIT_P, True)
         valid = m_i != float("-inf")
         if HAS_SINK:
             sk = tl.load(SINK + n)
@@ -409,13 +563,12 @@ def bwd_kv_kernel(
         dk = tl.zeros((BN, BD), tl.float32)
         dv = tl.zeros((BN, BDV), tl.float32)
         if HAS_MASK:
-            t0 = tl.load(PLAN_PTR + poff + kbi)
-            nt = tl.load(PLAN_PTR + poff + kbi + 1) - t0
-            ib0 = 0
+            pp = PLAN_PTR + poff + 2 * kbi
+            p0 = tl.load(pp)
+            p1 = tl.load(pp + 1)
+            p2 = tl.load(pp + 2)
         else:
-            ib0, ib1 = _query_range(j0, j1, sq, lo, hi, pfx, BM)
-            nt = ib1 - ib0
-            t0 = 0
+            f0, fl, n0, pl0, ps1, pl1 = _query_sets(j0, sq, skv, lo, hi, pfx, BM, BN)
         for g in range(0, G):
             n = n2 * G + g
             n64 = n.to(tl.int64)
@@ -427,46 +580,33 @@ def bwd_kv_kernel(
             slope = 0.0
             if PSE_KIND >= 4:
                 slope = tl.load(SLOPE + pb.to(tl.int64) * ssl_b + n64 * ssl_n)
-            for t in range(0, nt):
-                if HAS_MASK:
-                    code = tl.load(PLAN_QB + t0 + t)
-                    qb = code >> 1
-                    part = (code & 1) != 0
-                else:
-                    qb = ib0 + t
-                    i0b = qb * BM
-                    full = ((j0 - (i0b + BM - 1) >= lo) & (j0 + BN - 1 - i0b <= hi)) | (j0 + BN <= pfx)
-                    part = ~full
-                i0 = qb * BM
-                part = part | (i0 + BM > sq) | (j0 + BN > skv)
-                ir = i0 + ri[None, :]  # [1, BM] absolute rows
-                q = tl.load(q_base + i0.to(tl.int64) * sq_s + ri[:, None] * sq_s + rd[None, :] * sq_d,
-                            mask=((i0 + ri[:, None]) < sq) & (rd[None, :] < D), other=0.0)  # [BM, BD]
-                dy = tl.load(y_base + i0.to(tl.int64) * sy_s + ri[:, None] * sy_s + rdv[None, :] * sy_d,
-                             mask=((i0 + ri[:, None]) < sq) & (rdv[None, :] < DV), other=0.0)  # [BM, BDV]
-                rmask = (i0 + ri) < sq
-                mrow = tl.load(RM + r_base + i0 + ri, mask=rmask, other=float("inf"))
-                irow = tl.load(RI + r_base + i0 + ri, mask=rmask, other=0.0)
-                rrow = tl.load(RR + r_base + i0 + ri, mask=rmask, other=0.0)
-                st = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BN, BM]
-                st = _logits(st, i0, j0, ri[None, :], rj[:, None], scale, PSE, ps_base, sp_i, sp_j, sq, skv,
-                             pse_w, pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
-                pt = tl.exp(st - mrow[None, :]) * irow[None, :]
-                if part:
-                    a = _allowed(i0, j0, ri[None, :], rj[:, None], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i,
-                                 smk_j, HAS_MASK)
-                    pt = tl.where(a, pt, 0.0)
-                dpt = tl.dot(v, tl.trans(dy), input_precision=PREC)  # [BN, BM]
-                if DROP != 0:
-                    kp = tl.trans(_keep(i0 + ri[:, None], j0 + rj[None, :], j0, n, sq, dbase, drow, BITS, ctr0,
-                                        seed, thr, DROP, BM, BN, True))
-                    pdt = tl.where(kp, pt * inv_keep, 0.0)
-                    dpt = tl.where(kp, dpt * inv_keep, 0.0)
-                else:
-                    pdt = pt
-                dv = tl.dot(pdt.to(dy.dtype), dy, dv, input_precision=PREC)
-                dst = pt * (dpt - rrow[None, :])
-                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+            if HAS_MASK:
+                for t in range(p0, p1):
+                    dk, dv = _dkdv_tile(
+                        k, v, tl.load(PLAN_QB + t), dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
+                        sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                        adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
+                for t in range(p1, p2):
+                    dk, dv = _dkdv_tile(
+                        k, v, tl.load(PLAN_QB + t), dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
+                        sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                        adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
+            else:
+                for t in range(0, fl):
+                    dk, dv = _dkdv_tile(
+                        k, v, f0 + t, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
+                        sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                        adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
+                for t in range(0, pl0 + pl1):
+                    qb = tl.where(t < pl0, n0 + t, ps1 + (t - pl0))
+                    dk, dv = _dkdv_tile(
+                        k, v, qb, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
+                        sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                        adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
         dk = dk * scale
         n2_64 = n2.to(tl.int64)
         tl.store(DK + b64 * sdk_b + n2_64 * sdk_n + (k_row0 + j0) * sdk_s + rj[:, None] * sdk_s + rd[None, :] * sdk_d,
@@ -523,45 +663,34 @@ def bwd_q_kernel(
             slope = tl.load(SLOPE + pb.to(tl.int64) * ssl_b + n64 * ssl_n)
         dq = tl.zeros((BM, BD), tl.float32)
         if HAS_MASK:
-            t0 = tl.load(PLAN_PTR + poff + pid)
-            nt = tl.load(PLAN_PTR + poff + pid + 1) - t0
-            c1 = 0
-            s2 = 0
+            pp = PLAN_PTR + poff + 2 * pid
+            p0 = tl.load(pp)
+            p1 = tl.load(pp + 1)
+            p2 = tl.load(pp + 2)
+            for t in range(p0, p1):
+                dq = _dq_tile(q, dy, mrow, irow, rrow, tl.load(PLAN_KB + t), dq, i0, n, sq, skv, lo, hi, pfx, k_base,
+                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
+            for t in range(p1, p2):
+                dq = _dq_tile(q, dy, mrow, irow, rrow, tl.load(PLAN_KB + t), dq, i0, n, sq, skv, lo, hi, pfx, k_base,
+                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
         else:
-            c1, s2, c2 = _key_range(i0, i1, skv, lo, hi, pfx, BN)
-            nt = c1 + c2
-            t0 = 0
-        for t in range(0, nt):
-            if HAS_MASK:
-                code = tl.load(PLAN_KB + t0 + t)
-                kb = code >> 1
-                part = (code & 1) != 0
-            else:
-                kb = tl.where(t < c1, t, s2 + t - c1)
-                j0b = kb * BN
-                full = ((j0b - (i1 - 1) >= lo) & (j0b + BN - 1 - i0 <= hi)) | (j0b + BN <= pfx)
-                part = ~full
-            j0 = kb * BN
-            part = part | (j0 + BN > skv)
-            j = j0 + rj[None, :]
-            kt = tl.load(k_base + j0.to(tl.int64) * sk_s + rj[None, :] * sk_s + rd[:, None] * sk_d,
-                         mask=(j < skv) & (rd[:, None] < D), other=0.0)  # [BD, BN]
-            vt = tl.load(v_base + j0.to(tl.int64) * sv_s + rj[None, :] * sv_s + rdv[:, None] * sv_d,
-                         mask=(j < skv) & (rdv[:, None] < DV), other=0.0)  # [BDV, BN]
-            s = tl.dot(q, kt, input_precision=PREC)
-            s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
-                        pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
-            p = tl.exp(s - mrow[:, None]) * irow[:, None]
-            if part:
-                a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j,
-                             HAS_MASK)
-                p = tl.where(a, p, 0.0)
-            dp = tl.dot(dy, vt, input_precision=PREC)
-            if DROP != 0:
-                kp = _keep(i, j, j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP, BM, BN, True)
-                dp = tl.where(kp, dp * inv_keep, 0.0)
-            ds = p * (dp - rrow[:, None])
-            dq = tl.dot(ds.to(q.dtype), tl.trans(kt), dq, input_precision=PREC)
+            fl0, fl1, h0, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3 = _key_sets(i0, i1, skv, lo, hi, pfx, BN)
+            for t in range(0, fl0 + fl1):
+                kb = _pick(t, fl0, 0, fl1, h0, 0, 0, 0, 0)
+                dq = _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_base,
+                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
+            for t in range(0, pl0 + pl1 + pl2 + pl3):
+                kb = _pick(t, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3)
+                dq = _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_base,
+                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
         dq = dq * scale
         tl.store(DQ + b64 * sdq_b + n64 * sdq_n + (q_row0 + i0) * sdq_s + ri[:, None] * sdq_s + rd[None, :] * sdq_d,
                  dq, mask=(i < sq) & (rd[None, :] < D))
