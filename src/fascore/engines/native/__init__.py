@@ -63,10 +63,10 @@ def _tiles(seg, prob, backward: bool) -> tuple[int, int]:
     g, sq, skv = prob.g, seg.mask.sq, seg.mask.skv
     rows = _BWD_ROWS if backward else _FWD_ROWS
     bq = max(1, min(max(sq, 1), -(-rows // g)))
+    if sq * g <= 4:  # decode-like: few rows, long key tiles
+        return bq, 256 if backward else 512
     if backward:
         return bq, 64
-    if sq * g <= 4:  # decode-like: few rows, long key tiles
-        return bq, 512
     return bq, 128
 
 

@@ -23,7 +23,10 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("native.cpp", "kernels_avx2.cpp", "kernels_generic.cpp")
 HEADERS = ("args.h", "kernels_impl.h", "simd_avx2.h", "simd_generic.h")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")
-_BUILD_VERSION = "2"
+# at::parallel_for is OpenMP inlined from ATen's headers: without -fopenmp it runs serially. The
+# extension links libgomp.so.1, which resolves to the copy torch has already loaded (same soname).
+OPENMP = ("-fopenmp",)
+_BUILD_VERSION = "3"
 
 _lock = threading.Lock()
 _ext: "Extension | None" = None
@@ -35,10 +38,10 @@ def disabled() -> bool:
     return os.environ.get("FASCORE_NATIVE", "1").strip().lower() in ("0", "false", "off", "no")
 
 
-def build_key() -> str:
+def build_key(openmp: bool = True) -> str:
     h = hashlib.sha256()
     for part in (_BUILD_VERSION, torch.__version__, f"{sys.version_info[0]}.{sys.version_info[1]}",
-                 platform.machine(), " ".join(CFLAGS)):
+                 platform.machine(), " ".join(CFLAGS + (OPENMP if openmp else ()))):
         h.update(part.encode() + b"\0")
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (_CSRC / name).read_bytes() + b"\0")
@@ -74,7 +77,7 @@ def _load_built(name: str, path: Path) -> Extension:
     return Extension(name, path)
 
 
-def _compile(key: str, verbose: bool) -> Extension:
+def _compile(key: str, verbose: bool, openmp: bool) -> Extension:
     from torch.utils import cpp_extension
 
     name = module_name(key)
@@ -86,9 +89,10 @@ def _compile(key: str, verbose: bool) -> Extension:
         return _load_built(name, so)
     print(f"fascore: compiling the native CPU engine (one time, about a minute) in {build_dir}",
           file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                       extra_include_paths=[str(_CSRC)], build_directory=str(build_dir), verbose=verbose,
-                       is_python_module=False)
+    omp = list(OPENMP) if openmp else []
+    cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS) + omp,
+                       extra_ldflags=omp, extra_include_paths=[str(_CSRC)], build_directory=str(build_dir),
+                       verbose=verbose, is_python_module=False)
     done.write_text(f"{torch.__version__}\n")
     return Extension(name, so)
 
@@ -104,7 +108,14 @@ def extension(verbose: bool = False) -> "Extension | None":
         if _ext is not None or _error is not None:
             return _ext
         try:
-            _ext = _compile(build_key(), verbose)
+            try:
+                _ext = _compile(build_key(True), verbose, True)
+            except Exception as exc:  # no OpenMP here: build the serial variant
+                if "fopenmp" not in str(exc) and "omp" not in str(exc):
+                    raise
+                _ext = _compile(build_key(False), verbose, False)
+                warnings.warn("fascore: native CPU engine built without OpenMP: it runs on one thread",
+                              RuntimeWarning, stacklevel=3)
         except Exception as exc:  # compiler missing, build error, import error
             msg = str(exc).strip().splitlines()
             _error = f"{type(exc).__name__}: {msg[-1] if msg else ''}"[:500]

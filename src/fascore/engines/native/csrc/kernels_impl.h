@@ -834,8 +834,10 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       vr = vbuf;
       vrs = Dvp;
     }
-    pack_t(w.kt, kr, krs, nc, D);
-    pack_t(w.vt, vr, vrs, nc, Dv);
+    if (G * std::min(P.bq, a.Sq) > kSmallM) {  // packed operands of the S and dP products
+      pack_t(w.kt, kr, krs, nc, D);
+      pack_t(w.vt, vr, vrs, nc, Dv);
+    }
     std::memset(w.dka, 0, sizeof(float) * ncp * Dp);
     std::memset(w.dva, 0, sizeof(float) * ncp * Dvp);
     for (int64_t qb = 0; qb < P.nq; ++qb) {

@@ -1,0 +1,263 @@
+"""The native C++ CPU engine vs torch SDPA (and the PyTorch tile engine), same process, same run.
+
+    python benchmarks/native.py [--threads 1,2] [--repeat 5] [--only dense,causal] [--out DIR]
+
+Rows of issue 12's table: dense fp32/bf16/fp16 B1 N8 S2048 D128, causal (sparse_mode 3), GQA
+causal B2 N16/4 S1024 D64, small causal B4 N8 S256 D64, decode B8 N32 Sq1 Skv4096 D128, band
+w256 S8192 (SDPA with a boolean mask; FlexAttention compiled, forward), dropout (keep_prob 0.9,
+vs the engine's own time without dropout). Each time is the median of ``--repeat`` runs after a
+warm-up; ratios are native time / SDPA time measured in the same run and thread count. The bmm
+ceiling (GFLOP/s of torch.bmm in the same dtype) is measured in the same run; effective GFLOP/s
+count the (i, j) pairs that take part (4*D flops per pair forward, 2.5x that for backward).
+Writes DIR/native.csv and DIR/native.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fascore
+import fascore.engines.native as native
+from fascore.engine import register_engine
+
+COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+
+
+@dataclass
+class Case:
+    name: str
+    b: int
+    n1: int
+    n2: int
+    sq: int
+    skv: int
+    d: int
+    dtype: torch.dtype
+    mode: int = 0  # 0 dense, 3 causal (bottom-right), 4 band
+    pre: int = 2147483647
+    nxt: int = 2147483647
+    keep_prob: float = 1.0
+
+    def allowed(self) -> torch.Tensor | None:
+        if self.mode == 0:
+            return None
+        i = torch.arange(self.sq)[:, None]
+        j = torch.arange(self.skv)[None, :]
+        dd = self.skv - self.sq
+        if self.mode == 3:
+            return j <= i + dd
+        return (j - i - dd >= -self.pre) & (j - i - dd <= self.nxt)
+
+    def pairs(self) -> int:
+        a = self.allowed()
+        return self.sq * self.skv if a is None else int(a.sum())
+
+
+CASES = [
+    Case("dense fp32", 1, 8, 8, 2048, 2048, 128, torch.float32),
+    Case("causal fp32", 1, 8, 8, 2048, 2048, 128, torch.float32, mode=3),
+    Case("dense bf16", 1, 8, 8, 2048, 2048, 128, torch.bfloat16),
+    Case("causal bf16", 1, 8, 8, 2048, 2048, 128, torch.bfloat16, mode=3),
+    Case("dense fp16", 1, 8, 8, 2048, 2048, 128, torch.float16),
+    Case("gqa causal fp32", 2, 16, 4, 1024, 1024, 64, torch.float32, mode=3),
+    Case("small causal fp32", 4, 8, 8, 256, 256, 64, torch.float32, mode=3),
+    Case("decode fp32", 8, 32, 32, 1, 4096, 128, torch.float32),
+    Case("band w256 fp32", 1, 4, 4, 8192, 8192, 64, torch.float32, mode=4, pre=256, nxt=256),
+    Case("dropout fp32", 1, 8, 8, 2048, 2048, 128, torch.float32, keep_prob=0.9),
+]
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bmm_rate(dtype: torch.dtype, repeat: int) -> float:
+    a = torch.randn(8, 512, 128).to(dtype)
+    b = torch.randn(8, 128, 512).to(dtype)
+    t = timed(lambda: torch.bmm(a, b), max(5, repeat) * 4)
+    return 8 * 2 * 512 * 128 * 512 / t / 1e9
+
+
+def inputs(case: Case, grad: bool) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(case.b, case.n1, case.sq, case.d, generator=g).to(case.dtype)
+    k = torch.randn(case.b, case.n2, case.skv, case.d, generator=g).to(case.dtype)
+    v = torch.randn(case.b, case.n2, case.skv, case.d, generator=g).to(case.dtype)
+    return tuple(x.requires_grad_(grad) for x in (q, k, v))
+
+
+def fascore_fn(case: Case, engine: str, keep_prob: float | None = None) -> Callable:
+    kw = {}
+    if case.mode:
+        kw = dict(atten_mask=COMPRESSED, sparse_mode=case.mode, pre_tokens=case.pre, next_tokens=case.nxt)
+    kp = case.keep_prob if keep_prob is None else keep_prob
+    scale = case.d ** -0.5
+
+    def fn(q, k, v):
+        with fascore.use_engine(engine):
+            return fascore.npu_fusion_attention_v2(q, k, v, case.n1, "BNSD", scale=scale, keep_prob=kp, seed=1,
+                                                   **kw)[0]
+    return fn
+
+
+def sdpa_fn(case: Case) -> Callable:
+    allowed = case.allowed()
+    causal = case.mode == 3 and case.sq == case.skv
+    mask = None if causal else allowed
+    gqa = case.n1 != case.n2
+    scale = case.d ** -0.5
+    p = 1.0 - case.keep_prob
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, dropout_p=p,
+                                              enable_gqa=gqa)
+    return fn
+
+
+def flex_fn(case: Case) -> Callable | None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    dd, pre, nxt = case.skv - case.sq, case.pre, case.nxt
+
+    def mask_mod(b, h, i, j):
+        return (j - i - dd >= -pre) & (j - i - dd <= nxt)
+    block = create_block_mask(mask_mod, 1, 1, case.sq, case.skv, device="cpu")
+    compiled = torch.compile(flex_attention)
+    scale = case.d ** -0.5
+    return lambda q, k, v: compiled(q, k, v, block_mask=block, scale=scale)
+
+
+def step(fn: Callable, case: Case, grad: bool) -> Callable[[], None]:
+    q, k, v = inputs(case, grad)
+    dy = torch.randn(case.b, case.n1, case.sq, case.d).to(case.dtype) if grad else None
+
+    def run() -> None:
+        out = fn(q, k, v)
+        if grad:
+            torch.autograd.grad(out, (q, k, v), dy)
+    return run
+
+
+def run_case(case: Case, repeat: int, threads: int, with_flash: bool) -> list[dict]:
+    rows = []
+    impls = {"native": fascore_fn(case, "native"), "sdpa": sdpa_fn(case)}
+    if with_flash:
+        impls["flash"] = fascore_fn(case, "flash")
+    if case.keep_prob < 1.0:
+        impls["native-nodrop"] = fascore_fn(case, "native", keep_prob=1.0)
+    if case.mode == 4:
+        try:
+            f = flex_fn(case)
+            if f is not None:
+                impls["flex"] = f
+        except Exception as e:  # noqa: BLE001 - report, do not abort
+            print(f"  flex unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    flops = 4 * case.b * case.n1 * case.pairs() * case.d
+    for name, fn in impls.items():
+        for passes in ("fwd", "fwd+bwd"):
+            if name == "flex" and passes == "fwd+bwd":
+                continue  # FlexAttention has no CPU backward
+            try:
+                t = timed(step(fn, case, passes == "fwd+bwd"), repeat)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} {passes} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            mult = 3.5 if passes == "fwd+bwd" else 1.0
+            rows.append(dict(case=case.name, impl=name, passes=passes, threads=threads, seconds=round(t, 5),
+                             gflops_effective=round(mult * flops / t / 1e9, 1)))
+            print(f"  {threads}T {case.name:18s} {name:13s} {passes:8s} {t:9.5f} s {rows[-1]['gflops_effective']:7.1f} "
+                  "GFLOP/s", flush=True)
+    return rows
+
+
+def table(rows: list[dict], ceilings: dict) -> str:
+    by = {(r["case"], r["impl"], r["passes"], r["threads"]): r for r in rows}
+    lines = ["| case | threads | fwd native/SDPA | fwd+bwd native/SDPA | fwd native/flash | fwd+bwd native/flash | "
+             "other |", "|---|---|---|---|---|---|---|"]
+    seen = []
+    for r in rows:
+        key = (r["case"], r["threads"])
+        if key not in seen:
+            seen.append(key)
+    for case, th in seen:
+        def ratio(a: str, b: str, p: str) -> str:
+            x, y = by.get((case, a, p, th)), by.get((case, b, p, th))
+            return f"{x['seconds'] / y['seconds']:.2f}x" if x and y else "-"
+        other = []
+        if by.get((case, "flex", "fwd", th)):
+            other.append(f"fwd native/flex {ratio('native', 'flex', 'fwd')}")
+        if by.get((case, "native-nodrop", "fwd+bwd", th)):
+            other.append(f"fwd+bwd dropout/no-dropout {ratio('native', 'native-nodrop', 'fwd+bwd')}")
+        nat = by.get((case, "native", "fwd", th))
+        dt = "bf16" if "bf16" in case else ("fp16" if "fp16" in case else "fp32")
+        if nat and case.startswith("dense"):
+            other.append(f"fwd {nat['gflops_effective']:.0f} GFLOP/s = "
+                         f"{nat['gflops_effective'] / ceilings[(dt, th)]:.0%} of bmm {dt}")
+        lines.append(f"| {case} | {th} | {ratio('native', 'sdpa', 'fwd')} | {ratio('native', 'sdpa', 'fwd+bwd')} | "
+                     f"{ratio('native', 'flash', 'fwd')} | {ratio('native', 'flash', 'fwd+bwd')} | {'; '.join(other)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated case-name prefixes")
+    ap.add_argument("--no-flash", action="store_true", help="skip the PyTorch tile engine")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    if not native.build():
+        print(f"native engine unavailable: {native.status()}", file=sys.stderr)
+        return 1
+    register_engine("native", native)
+    cases = [c for c in CASES if not args.only or any(c.name.startswith(p) for p in args.only.split(","))]
+    rows, ceilings = [], {}
+    info = dict(status=native.status(), torch=torch.__version__, load=os.getloadavg(), repeat=args.repeat,
+                cpu=torch.backends.cpu.get_cpu_capability())
+    saved = torch.get_num_threads()
+    try:
+        for th in [int(x) for x in args.threads.split(",")]:
+            torch.set_num_threads(th)
+            for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                ceilings[(dt, th)] = bmm_rate(dtype, args.repeat)
+                print(f"{th}T bmm {dt}: {ceilings[(dt, th)]:.1f} GFLOP/s", flush=True)
+            for case in cases:
+                rows += run_case(case, args.repeat, th, not args.no_flash)
+    finally:
+        torch.set_num_threads(saved)
+    info["load_after"] = os.getloadavg()
+    info["bmm_gflops"] = {f"{k[0]} {k[1]}T": round(v, 1) for k, v in ceilings.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "native.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    info["table"] = table(rows, ceilings)
+    (out / "native.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps({k: v for k, v in info.items() if k != "table"}, indent=1))
+    print(info["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
