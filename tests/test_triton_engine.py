@@ -342,3 +342,21 @@ def test_forward_all_backward_all_match_segments(case):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------- the device check, tiny
+def test_gpu_check_tiny_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_check.py --tiny: the whole device check on CPU under the interpreter."""
+    import json
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path), "--budget", "200"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["conformance_ok"] == {"triton": True, "flash": True}
+    assert all(v["ok"] for v in rep["determinism"].values())
+    assert rep["bench"] and all("results" in b for b in rep["bench"]), rep["bench"]
+    assert all("triton engine fwd" in b["results"] for b in rep["bench"])
+    assert (tmp_path / "gpu_check.log").read_text().strip()

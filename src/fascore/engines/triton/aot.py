@@ -148,3 +148,57 @@ def table_entries(archs: tuple[str, ...] = ("sm80", "sm90")) -> list[tuple[str, 
             continue
         out.append((arch, int(arch[2:]), "bf16" if cls == "half" else "fp32", bd, cfg))
     return out
+
+
+def jobs(archs: tuple[str, ...] = ("sm80", "sm90"), variants: tuple[str, ...] = ("plain",)) -> list[tuple]:
+    """Every (kernel, capability, dtype, BD, config, variant) compile of the table's GPU entries.
+
+    The "full" variant (pse, explicit mask, prefix, Philox dropout, sink) is each kernel's
+    heaviest form; "plain" is the feature-free one."""
+    out = []
+    for _arch, cap, dtype, bd, cfg in table_entries(archs):
+        for name in KERNELS:
+            for var in variants:
+                out.append((name, cap, dtype, bd, cfg, var))
+    return out
+
+
+def _compile_job(job: tuple) -> dict:
+    name, cap, dtype, bd, cfg, var = job
+    try:
+        return compile_kernel(name, cap, dtype, bd, cfg, var)
+    except Exception as exc:  # reported, not raised: the caller shows every failure at once
+        return dict(kernel=name, arch=f"sm{cap}", dtype=dtype, bd=bd, variant=var, error=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def compile_all(job_list: list[tuple], processes: int = 2) -> list[dict]:
+    """Compile ``job_list`` in ``processes`` worker processes (spawned: no inherited interpreter)."""
+    import multiprocessing as mp
+
+    if processes <= 1:
+        return [_compile_job(j) for j in job_list]
+    with mp.get_context("spawn").Pool(processes) as pool:
+        return pool.map(_compile_job, job_list, chunksize=1)
+
+
+def main() -> None:  # python -m fascore.engines.triton.aot [--plain] [--out FILE]
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="also compile the all-features variants")
+    ap.add_argument("--arch", action="append", choices=["sm80", "sm90"])
+    ap.add_argument("--out")
+    ap.add_argument("-j", type=int, default=2)
+    args = ap.parse_args()
+    variants = ("plain", "full") if args.full else ("plain",)
+    res = compile_all(jobs(tuple(args.arch or ("sm80", "sm90")), variants), args.j)
+    for r in res:
+        print(json.dumps(r), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,8 +85,9 @@ def _seg(TAB, b, SQ, SKV, LO, HI, PFX, ADELTA, DBASE0, DSTEP, DROW, HAS_PFX: tl.
 
 # --------------------------------------------------------------------------- tile pieces
 @triton.jit
-def _allowed(i0, j0, ri, rj, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK: tl.constexpr):
-    """Take-part tile at rows i0 + ri, columns j0 + rj (ri, rj broadcastable int32 tiles)."""
+def _allowed(i0, j0, ri, rj, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, masked, HAS_MASK: tl.constexpr):
+    """Take-part tile at rows i0 + ri, columns j0 + rj (ri, rj broadcastable int32 tiles); the
+    explicit mask's bytes are read only for a PARTIAL tile (``masked``)."""
     i = i0 + ri
     j = j0 + rj
     d = j - i
@@ -94,7 +95,7 @@ def _allowed(i0, j0, ri, rj, sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, 
     a = a & (i < sq) & (j < skv) & (i >= 0) & (j >= 0)
     if HAS_MASK:
         base = MASK + (mk_base + i0.to(tl.int64) * smk_i + j0.to(tl.int64) * smk_j)
-        mb = tl.load(base + ri * smk_i + rj * smk_j, mask=a, other=1)
+        mb = tl.load(base + ri * smk_i + rj * smk_j, mask=a & masked, other=0)
         a = a & (mb == 0)
     return a
 
@@ -268,8 +269,10 @@ def _fwd_tile(q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base,
               dbase, drow, BITS, ctr0, seed, thr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PSE_KIND: tl.constexpr,
               PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr,
-              SPLIT_P: tl.constexpr, MASKED: tl.constexpr):
-    """One key block of the online softmax; MASKED applies the take-part rule and the bounds."""
+              SPLIT_P: tl.constexpr, masked):
+    """One key block of the online softmax. The take-part rule and the bounds are applied to
+    every tile (a predicate, no branch: a per-tile branch or a second loop makes ptxas spill);
+    ``masked`` (a PARTIAL tile) also reads the explicit mask's bytes."""
     ri = tl.arange(0, BM)
     rj = tl.arange(0, BN)
     rd = tl.arange(0, BD)
@@ -282,9 +285,9 @@ def _fwd_tile(q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base,
     s = tl.dot(q, kt, input_precision=PREC)
     s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
                 pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
-    if MASKED:
-        a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
-        s = tl.where(a, s, float("-inf"))
+    a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, masked,
+                 HAS_MASK)
+    s = tl.where(a, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_use)
@@ -308,7 +311,7 @@ def _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_bas
              dbase, drow, BITS, ctr0, seed, thr, inv_keep,
              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PSE_KIND: tl.constexpr,
              PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr,
-             MASKED: tl.constexpr):
+             masked):
     ri = tl.arange(0, BM)
     rj = tl.arange(0, BN)
     rd = tl.arange(0, BD)
@@ -322,9 +325,9 @@ def _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_bas
     s = _logits(s, i0, j0, ri[:, None], rj[None, :], scale, PSE, ps_base, sp_i, sp_j, sq, skv, pse_w,
                 pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
     p = tl.exp(s - mrow[:, None]) * irow[:, None]
-    if MASKED:
-        a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
-        p = tl.where(a, p, 0.0)
+    a = _allowed(i0, j0, ri[:, None], rj[None, :], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, masked,
+                 HAS_MASK)
+    p = tl.where(a, p, 0.0)
     dp = tl.dot(dy, vt, input_precision=PREC)
     if DROP != 0:
         kp = _keep(i0 + ri[:, None], j0 + rj[None, :], j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP, BM, BN,
@@ -340,7 +343,7 @@ def _dkdv_tile(k, v, qb, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq
                smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PSE_KIND: tl.constexpr,
                PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr,
-               MASKED: tl.constexpr):
+               masked):
     """One query block's contribution to dK, dV of a key block (transposed tiles [BN, BM])."""
     ri = tl.arange(0, BM)
     rj = tl.arange(0, BN)
@@ -359,9 +362,9 @@ def _dkdv_tile(k, v, qb, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq
     st = _logits(st, i0, j0, ri[None, :], rj[:, None], scale, PSE, ps_base, sp_i, sp_j, sq, skv,
                  pse_w, pse_thr, adelta, slope, PSE_KIND, PRE_SCALE)
     pt = tl.exp(st - mrow[None, :]) * irow[None, :]
-    if MASKED:
-        a = _allowed(i0, j0, ri[None, :], rj[:, None], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, HAS_MASK)
-        pt = tl.where(a, pt, 0.0)
+    a = _allowed(i0, j0, ri[None, :], rj[:, None], sq, skv, lo, hi, pfx, MASK, mk_base, smk_i, smk_j, masked,
+                 HAS_MASK)
+    pt = tl.where(a, pt, 0.0)
     dpt = tl.dot(v, tl.trans(dy), input_precision=PREC)  # [BN, BM]
     if DROP != 0:
         kp = tl.trans(_keep(i0 + ri[:, None], j0 + rj[None, :], j0, n, sq, dbase, drow, BITS, ctr0, seed, thr, DROP,
@@ -425,34 +428,22 @@ def fwd_kernel(
             p0 = tl.load(pp)
             p1 = tl.load(pp + 1)
             p2 = tl.load(pp + 2)
-            for t in range(p0, p1):
-                m_i, l_i, acc = _fwd_tile(
-                    q, tl.load(PLAN_KB + t), m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
-                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
-                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
-                    DROP, PREC, SPLIT_P, False)
-            for t in range(p1, p2):
-                m_i, l_i, acc = _fwd_tile(
-                    q, tl.load(PLAN_KB + t), m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
-                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
-                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
-                    DROP, PREC, SPLIT_P, True)
         else:
             fl0, fl1, h0, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3 = _key_sets(i0, i1, skv, lo, hi, pfx, BN)
-            for t in range(0, fl0 + fl1):
-                kb = _pick(t, fl0, 0, fl1, h0, 0, 0, 0, 0)
-                m_i, l_i, acc = _fwd_tile(
-                    q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
-                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
-                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
-                    DROP, PREC, SPLIT_P, False)
-            for t in range(0, pl0 + pl1 + pl2 + pl3):
-                kb = _pick(t, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3)
-                m_i, l_i, acc = _fwd_tile(
-                    q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
-                    sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
-                    smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
-                    DROP, PREC, SPLIT_P, True)
+            p0 = 0
+            p1 = fl0 + fl1
+            p2 = p1 + pl0 + pl1 + pl2 + pl3
+        for t in range(p0, p2):
+            if HAS_MASK:
+                kb = tl.load(PLAN_KB + t)
+            else:
+                kb = tl.where(t < p1, _pick(t, fl0, 0, fl1, h0, 0, 0, 0, 0),
+                              _pick(t - p1, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3))
+            m_i, l_i, acc = _fwd_tile(
+                q, kb, m_i, l_i, acc, i0, n, sq, skv, lo, hi, pfx, k_base, v_base, sk_s, sk_d,
+                sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr, adelta, slope, MASK, mk_base,
+                smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK,
+                DROP, PREC, SPLIT_P, t >= p1)
         valid = m_i != float("-inf")
         if HAS_SINK:
             sk = tl.load(SINK + n)
@@ -581,32 +572,20 @@ def bwd_kv_kernel(
             if PSE_KIND >= 4:
                 slope = tl.load(SLOPE + pb.to(tl.int64) * ssl_b + n64 * ssl_n)
             if HAS_MASK:
-                for t in range(p0, p1):
+                for t in range(p0, p2):
                     dk, dv = _dkdv_tile(
                         k, v, tl.load(PLAN_QB + t), dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
                         sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
                         adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
-                for t in range(p1, p2):
-                    dk, dv = _dkdv_tile(
-                        k, v, tl.load(PLAN_QB + t), dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
-                        sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
-                        adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
+                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, t >= p1)
             else:
-                for t in range(0, fl):
-                    dk, dv = _dkdv_tile(
-                        k, v, f0 + t, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
-                        sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
-                        adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
-                for t in range(0, pl0 + pl1):
-                    qb = tl.where(t < pl0, n0 + t, ps1 + (t - pl0))
+                for t in range(0, fl + pl0 + pl1):
+                    qb = tl.where(t < fl, f0 + t, tl.where(t < fl + pl0, n0 + (t - fl), ps1 + (t - fl - pl0)))
                     dk, dv = _dkdv_tile(
                         k, v, qb, dk, dv, j0, n, sq, skv, lo, hi, pfx, q_base, y_base, sq_s, sq_d,
                         sy_s, sy_d, RM, RI, RR, r_base, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
                         adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
+                        BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, t >= fl)
         dk = dk * scale
         n2_64 = n2.to(tl.int64)
         tl.store(DK + b64 * sdk_b + n2_64 * sdk_n + (k_row0 + j0) * sdk_s + rj[:, None] * sdk_s + rd[None, :] * sdk_d,
@@ -667,30 +646,21 @@ def bwd_q_kernel(
             p0 = tl.load(pp)
             p1 = tl.load(pp + 1)
             p2 = tl.load(pp + 2)
-            for t in range(p0, p1):
-                dq = _dq_tile(q, dy, mrow, irow, rrow, tl.load(PLAN_KB + t), dq, i0, n, sq, skv, lo, hi, pfx, k_base,
-                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
-                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
-            for t in range(p1, p2):
-                dq = _dq_tile(q, dy, mrow, irow, rrow, tl.load(PLAN_KB + t), dq, i0, n, sq, skv, lo, hi, pfx, k_base,
-                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
-                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
         else:
             fl0, fl1, h0, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3 = _key_sets(i0, i1, skv, lo, hi, pfx, BN)
-            for t in range(0, fl0 + fl1):
-                kb = _pick(t, fl0, 0, fl1, h0, 0, 0, 0, 0)
-                dq = _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_base,
-                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
-                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, False)
-            for t in range(0, pl0 + pl1 + pl2 + pl3):
-                kb = _pick(t, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3)
-                dq = _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_base,
-                              v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
-                              adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
-                              BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, True)
+            p0 = 0
+            p1 = fl0 + fl1
+            p2 = p1 + pl0 + pl1 + pl2 + pl3
+        for t in range(p0, p2):
+            if HAS_MASK:
+                kb = tl.load(PLAN_KB + t)
+            else:
+                kb = tl.where(t < p1, _pick(t, fl0, 0, fl1, h0, 0, 0, 0, 0),
+                              _pick(t - p1, pl0, pf, pl1, ps1, pl2, s2, pl3, ps3))
+            dq = _dq_tile(q, dy, mrow, irow, rrow, kb, dq, i0, n, sq, skv, lo, hi, pfx, k_base,
+                          v_base, sk_s, sk_d, sv_s, sv_d, D, DV, scale, PSE, ps_base, sp_i, sp_j, pse_w, pse_thr,
+                          adelta, slope, MASK, mk_base, smk_i, smk_j, dbase, drow, BITS, ctr0, seed, thr, inv_keep,
+                          BM, BN, BD, BDV, PSE_KIND, PRE_SCALE, HAS_MASK, DROP, PREC, t >= p1)
         dq = dq * scale
         tl.store(DQ + b64 * sdq_b + n64 * sdq_n + (q_row0 + i0) * sdq_s + ri[:, None] * sdq_s + rd[None, :] * sdq_d,
                  dq, mask=(i < sq) & (rd[None, :] < D))
@@ -793,7 +763,7 @@ def bwd_pse_kernel(
                 s = _logits(s, i0, jb, ri[:, None], rjj[None, :], scale, PSE, ps_base, sp_i, sp_j, SQ, SKV, pse_w,
                             pse_thr, 0, 0.0, PSE_KIND, PRE_SCALE)
                 a = _allowed(i0, jb, ri[:, None], rjj[None, :], SQ, SKV, LO, HI, pfx, MASK, mk_base, smk_i, smk_j,
-                             HAS_MASK)
+                             True, HAS_MASK)
                 a = a & rok & (jv >= 0)
                 p = tl.where(a, tl.exp(s - mrow[:, None]) * irow[:, None], 0.0)
                 dp = tl.dot(dy, vt, input_precision=PREC)
