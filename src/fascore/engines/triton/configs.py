@@ -42,18 +42,20 @@ def _c(fwd, kv, q, pse, pre=(64, 0, 4, 1)) -> Config:
 
 HEAD_DIMS = (32, 64, 128, 256)
 
-_HALF_SMALL = _c((128, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1), (32, 0, 4, 1))
-_HALF_256 = _c((32, 32, 4, 2), (16, 32, 8, 1), (32, 16, 8, 1), (16, 16, 4, 1), (16, 0, 4, 1))
-_F32_SMALL = _c((64, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1), (32, 0, 4, 1))
-_F32_128 = _c((32, 32, 4, 2), (16, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (32, 0, 4, 1))
-_F32_256 = _c((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1), (16, 0, 4, 1))
+_HALF_SMALL = _c((128, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1), (32, 0, 4, 1))
+_HALF_128_SM80 = _c((64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1), (32, 0, 4, 1))
+_HALF_256 = _c((32, 32, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (16, 0, 4, 1))
+_F32_SMALL = _c((32, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1), (32, 0, 4, 1))
+_F32_128 = _c((16, 32, 4, 2), (16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (32, 0, 4, 1))
+_F32_256 = _c((16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (16, 0, 4, 1))
 
-# Chosen with the AOT compiles (``aot.py``): the largest tiles measured without register spills
-# for the feature-free kernels on sm_90 (Triton 3.7, ptxas 12.x); sm_80 uses the same entries.
+# Chosen with the AOT compiles (``aot.py``, Triton 3.7's ptxas): tiles measured (or, after a
+# spill, shrunk) so that the feature-free kernels compile without register spills.
 TABLE: dict[tuple[str, str, int], Config] = {}
 for _arch in ("sm80", "sm90"):
     for _bd in HEAD_DIMS:
-        TABLE[(_arch, "half", _bd)] = _HALF_256 if _bd == 256 else _HALF_SMALL
+        half = _HALF_256 if _bd == 256 else _HALF_128_SM80 if (_bd == 128 and _arch == "sm80") else _HALF_SMALL
+        TABLE[(_arch, "half", _bd)] = half
         TABLE[(_arch, "f32", _bd)] = _F32_256 if _bd == 256 else _F32_128 if _bd == 128 else _F32_SMALL
 # The interpreter: tiles of 16 (forward and dQ 16 x 32, dK/dV 32 x 16: BM != BN is exercised).
 for _bd in HEAD_DIMS:
