@@ -524,3 +524,28 @@ def test_api_against_oracle(case):
     with fascore.use_engine("native"):
         check_forward(inp, scale=0.3, **kw)
         check_grads(inp, wrt, scale=0.3, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite inputs propagate as in the reference (NaN max, exp(NaN), P * Z, P = 0 when masked)
+# ----------------------------------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("val", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+@pytest.mark.parametrize("extra", ["causal", "dropout"])
+def test_nonfinite_patterns_as_reference(val, where, extra):
+    inp = make_qkv("BNSD", B=1, N1=2, Sq=12, Skv=12, D=8, seed=2)
+    inp[where][0, 1, 5, 3] = val
+    kw = dict(atten_mask=CAUSAL, sparse_mode=2) if extra == "causal" else dict(keep_prob=0.7, seed=3)
+    prob = problem(inp, scale=0.3, **kw)
+    seg = prob.segments[0]
+    dy = torch.ones(1, 2, 12, 8)
+    got = list(nat.forward(seg, prob))
+    want = list(reference.forward(seg, prob))
+    got += list(nat.backward(seg, prob, dy, got[0], got[1], got[2], None, None))
+    want += list(reference.backward(seg, prob, dy, want[0], want[1], want[2], None, None))
+    for name, x, y in zip(["out", "max", "sum", "dq", "dk", "dv"], got, want):
+        assert torch.equal(x.isnan(), y.isnan()), f"{name}: NaN positions differ"
+        assert torch.equal(x.isinf(), y.isinf()) and torch.equal(x[x.isinf()], y[y.isinf()]), f"{name}: Inf differ"
+        fin = torch.isfinite(x)
+        assert torch.allclose(x[fin], y[fin], rtol=1e-4, atol=1e-5), f"{name}: finite values differ"

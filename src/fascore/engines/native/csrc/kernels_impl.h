@@ -52,6 +52,8 @@ static inline float at_f(const void* base, int dt, int64_t idx) {
   return dt == DT_F16 ? h2f(h) : bf2f(h);
 }
 static inline float sexp(float x) { return vhmax(vexp(vset1(x))); }  // scalar exp, same as lanes
+// max that propagates NaN (torch.maximum / amax semantics)
+static inline float nanmax(float a, float b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
 
 // n (0..8) elements at base[off + t*st] as floats, zero beyond n.
 static inline vf load8(const void* base, int dt, int64_t off, int64_t st, int64_t n) {
@@ -430,10 +432,13 @@ static void keep_row(const Args& a, int64_t b, int64_t n1, int64_t i, int64_t j0
 
 // ------------------------------------------------------------------------------------------
 // Logits of one row in place: L = S * scale (+ bias), -inf where (i, j) does not take part and on
-// the padding [nc, ncp). Returns max over the row.
+// the padding [nc, ncp). Returns max over the row (NaN if a logit is NaN).
 // ------------------------------------------------------------------------------------------
+// BWD: store P = exp(L - m) * il instead, exactly 0 where (i, j) does not take part and on the
+// padding (as the reference's where(allowed, ..., 0)), and return 0.
+template <bool BWD>
 static float logits_row(const Args& a, float* srow, int64_t b, int64_t n1, int64_t i, int64_t j0, int64_t nc,
-                        int64_t ncp, bool partial, float* bias) {
+                        int64_t ncp, bool partial, float* bias, float m = 0.f, float il = 0.f) {
   const bool hasb = a.pse_kind != PSE_NONE;
   if (hasb) bias_row(a, b, n1, i, j0, nc, ncp, bias);
   const vf vs = vset1(a.scale), ninf = vset1(kNegInf);
@@ -451,7 +456,8 @@ static float logits_row(const Args& a, float* srow, int64_t b, int64_t n1, int64
       exr = a.ex + bm * a.ex_s[0] + nm * a.ex_s[1] + i * a.ex_s[2] + j0 * est;
     }
   }
-  vf vm = ninf;
+  vf vm = ninf, vnan = vzero();
+  const vf vmr = vset1(m), vil = vset1(il);
   for (int64_t c = 0; c < ncp; c += 8) {
     vf x = vld(srow + c);
     if (hasb) {
@@ -472,13 +478,27 @@ static float logits_row(const Args& a, float* srow, int64_t b, int64_t n1, int64
           allow = vand(allow, vbytes_zero(tmp));
         }
       }
+      if (BWD) {
+        if (c + 8 > nc) allow = vand(allow, vrange(c, 0, nc));
+        vst(srow + c, vand(vmul(vexp(vsub(x, vmr)), vil), allow));
+        continue;
+      }
       x = vblend(ninf, x, allow);
+    }
+    if (BWD) {
+      vf p = vmul(vexp(vsub(x, vmr)), vil);
+      if (c + 8 > nc) p = vand(p, vrange(c, 0, nc));
+      vst(srow + c, p);
+      continue;
     }
     if (c + 8 > nc) x = vblend(ninf, x, vrange(c, 0, nc));
     vst(srow + c, x);
     vm = vmax(vm, x);
+    vnan = vor(vnan, visnan(x));
   }
-  return vhmax(vm);
+  if (BWD) return 0.f;
+  // A NaN logit makes the row's max NaN, as torch.amax does in the reference.
+  return vany(vnan) ? std::numeric_limits<float>::quiet_NaN() : vhmax(vm);
 }
 
 static inline vf keep_mask8(const uint8_t* keep) { return vbytes_nonzero(keep); }
@@ -592,9 +612,9 @@ static void fwd_item(const Fwd& F, int64_t it, FwdBuf& w) {
     for (int64_t r = 0; r < M; ++r) {
       const int64_t n1 = n2 * a.G + r / nr, i = i0 + r % nr;
       float* srow = w.s + r * bkp;
-      const float mt = logits_row(a, srow, b, n1, i, j0, nc, ncp, kind == T_PARTIAL, w.bias);
+      const float mt = logits_row<false>(a, srow, b, n1, i, j0, nc, ncp, kind == T_PARTIAL, w.bias);
       const float mold = w.m[r];
-      const float mnew = mt > mold ? mt : mold;
+      const float mnew = nanmax(mold, mt);
       const float muse = mnew == kNegInf ? 0.f : mnew;
       const float alpha = sexp(mold - muse);
       const vf vmu = vset1(muse);
@@ -609,7 +629,9 @@ static void fwd_item(const Fwd& F, int64_t it, FwdBuf& w) {
       w.alpha[r] = alpha;
       if (a.drop != DROP_NONE) {
         keep_row(a, b, n1, i, j0, nc, ncp, w.keep, w.bytes);
-        for (int64_t c = 0; c < ncp; c += 8) vst(srow + c, vand(vld(srow + c), keep_mask8(w.keep + c)));
+        // P * Z as a product (a NaN P stays NaN where dropped, as P * Z does in the reference)
+        const vf one = vset1(1.f);
+        for (int64_t c = 0; c < ncp; c += 8) vst(srow + c, vmul(vld(srow + c), vand(one, keep_mask8(w.keep + c))));
       }
     }
     // O = alpha * O + P V
@@ -635,7 +657,7 @@ static void fwd_item(const Fwd& F, int64_t it, FwdBuf& w) {
     const bool valid = mm != kNegInf;
     if (a.sink) {
       const float sk = a.sink[n1];
-      const float mf = mm > sk ? mm : sk;
+      const float mf = nanmax(mm, sk);
       fa = sexp(mm - mf);
       ll = ll * fa + sexp(sk - mf);
       mm = mf;
@@ -717,7 +739,7 @@ int forward(const Args& a) {
 struct RowPass {
   const Args* a;
 };
-// Per row: R = sum(dy * o), max, 1/sum (0 on invalid rows); per (b, n1): -sum p_sink * R.
+// Per row: R = sum(dy * o), max, 1/sum (-0 marks invalid rows); per (b, n1): -sum p_sink * R.
 static void rows_body(void* ctx, int64_t begin, int64_t end) {
   const Args& a = *static_cast<const RowPass*>(ctx)->a;
   const int64_t Dv = a.Dv, Dvp = a.Dvp;
@@ -743,7 +765,7 @@ static void rows_body(void* ctx, int64_t begin, int64_t end) {
       const bool invalid = mv == -kFltMax;
       a.rrow[row] = R;
       a.mrow[row] = invalid ? 0.f : mv;
-      a.ilrow[row] = invalid ? 0.f : 1.0f / lv;
+      a.ilrow[row] = invalid ? -0.0f : 1.0f / lv;  // -0: the invalid-row marker
       if (a.sink && !invalid) {
         const float ps = sexp(a.sink[n1] - mv) / lv;
         acc += -(double)(ps * R);
@@ -762,7 +784,7 @@ struct Bwd {
 };
 
 struct BwdBuf {
-  float *q, *dy, *s, *pd, *dp, *kt, *vt, *kr, *vr, *dka, *dva, *bias;
+  float *q, *dy, *s, *pd, *dp, *kt, *vt, *kr, *vr, *bias;
   uint8_t *keep, *bytes;
 };
 
@@ -777,8 +799,6 @@ static void bwd_layout(const Args& a, int64_t bkp, Arena& ar, BwdBuf& w) {
   w.vt = ar.take<float>(bkp * a.Dv);
   w.kr = ar.take<float>(bkp * a.Dp);
   w.vr = ar.take<float>(bkp * a.Dvp);
-  w.dka = ar.take<float>(bkp * a.Dp);
-  w.dva = ar.take<float>(bkp * a.Dvp);
   w.bias = ar.take<float>(bkp);
   w.keep = ar.take<uint8_t>(M * bkp);
   w.bytes = ar.take<uint8_t>(bkp + 160);
@@ -838,8 +858,11 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       pack_t(w.kt, kr, krs, nc, D);
       pack_t(w.vt, vr, vrs, nc, Dv);
     }
-    std::memset(w.dka, 0, sizeof(float) * ncp * Dp);
-    std::memset(w.dva, 0, sizeof(float) * ncp * Dvp);
+    // dK / dV of this key block accumulate in place in the (padded, float32) outputs.
+    float* dka = dkout;
+    float* dva = dvout;
+    std::memset(dka, 0, sizeof(float) * nc * Dp);
+    std::memset(dva, 0, sizeof(float) * nc * Dvp);
     for (int64_t qb = 0; qb < P.nq; ++qb) {
       const int kind = tile_kind(P, b, n2, qb, kb);
       if (kind == T_EMPTY) continue;
@@ -860,7 +883,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
         float* srow = w.s + r * bkp;
         float* pdrow = w.pd + r * bkp;
         const float il = a.ilrow[row];
-        if (il == 0.f) {  // invalid row: no gradient
+        if (il == 0.f && std::signbit(il)) {  // invalid row: no gradient
           for (int64_t c = 0; c < ncp; c += 8) vst(srow + c, vzero());
           if (drop) {
             for (int64_t c = 0; c < ncp; c += 8) vst(pdrow + c, vzero());
@@ -868,9 +891,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
           }
           continue;
         }
-        logits_row(a, srow, b, n1, i, j0, nc, ncp, kind == T_PARTIAL, w.bias);
-        const vf vmr = vset1(a.mrow[row]), vil = vset1(il);
-        for (int64_t c = 0; c < ncp; c += 8) vst(srow + c, vmul(vexp(vsub(vld(srow + c), vmr)), vil));
+        logits_row<true>(a, srow, b, n1, i, j0, nc, ncp, kind == T_PARTIAL, w.bias, a.mrow[row], il);
         if (drop) {
           uint8_t* kp = w.keep + r * bkp;
           keep_row(a, b, n1, i, j0, nc, ncp, kp, w.bytes);
@@ -880,7 +901,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       }
       const float* pd = drop ? w.pd : w.s;
       // dV += Pd^T dY
-      gemm<true, false>(nc, Dvp, M, pd, 1, bkp, w.dy, 16, Dvp, w.dva, Dvp, nullptr);
+      gemm<true, false>(nc, Dvp, M, pd, 1, bkp, w.dy, 16, Dvp, dva, Dvp, nullptr);
       // dP = dY V^T
       if (M <= kSmallM)
         sdot(M, nc, Dv, w.dy, Dvp, vr, vrs, w.dp, bkp);
@@ -912,10 +933,8 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
         gemm<true, false>(nr, Dp, nc, w.dp + g * nr * bkp, bkp, 1, kr, 16, krs, dqrow, Dp, nullptr);
       }
       // dK += dS^T Q
-      gemm<true, false>(nc, Dp, M, w.dp, 1, bkp, w.q, 16, Dp, w.dka, Dp, nullptr);
+      gemm<true, false>(nc, Dp, M, w.dp, 1, bkp, w.q, 16, Dp, dka, Dp, nullptr);
     }
-    std::memcpy(dkout, w.dka, sizeof(float) * nc * Dp);
-    std::memcpy(dvout, w.dva, sizeof(float) * nc * Dvp);
   }
 }
 

@@ -20,6 +20,9 @@ static inline vf vsqrt(vf a) { return _mm256_sqrt_ps(a); }
 static inline vf vand(vf a, vf m) { return _mm256_and_ps(a, m); }
 static inline vf vor(vf a, vf b) { return _mm256_or_ps(a, b); }
 static inline vf vblend(vf a, vf b, vf m) { return _mm256_blendv_ps(a, b, m); }  // m ? b : a
+static inline vf visnan(vf a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+static inline vf veq(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+static inline bool vany(vf m) { return _mm256_movemask_ps(m) != 0; }
 
 static inline float vhsum(vf x) {  // fixed order: (lo + hi), then pairs
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -70,10 +73,11 @@ static inline vf vabs_iota(int64_t base) {
   return _mm256_cvtepi32_ps(_mm256_abs_epi32(x));
 }
 
-// exp(x) in float32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); exp(-inf) = 0.
+// exp(x) in float32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); exp(-inf) = 0,
+// exp(+inf) = inf, exp(NaN) = NaN.
 static inline vf vexp(vf x) {
   const vf hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // operand order: a NaN x passes through (exp(NaN) = NaN)
   vf fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
   fx = _mm256_floor_ps(fx);
   vf r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);

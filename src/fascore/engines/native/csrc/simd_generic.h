@@ -74,6 +74,21 @@ static inline vf vblend(vf a, vf b, vf m) {
   for (int t = 0; t < 8; ++t) r.x[t] = f2u(m.x[t]) ? b.x[t] : a.x[t];
   return r;
 }
+static inline vf visnan(vf a) {
+  vf r;
+  for (int t = 0; t < 8; ++t) r.x[t] = u2f(a.x[t] != a.x[t] ? 0xFFFFFFFFu : 0u);
+  return r;
+}
+static inline vf veq(vf a, vf b) {
+  vf r;
+  for (int t = 0; t < 8; ++t) r.x[t] = u2f(a.x[t] == b.x[t] ? 0xFFFFFFFFu : 0u);
+  return r;
+}
+static inline bool vany(vf m) {
+  for (int t = 0; t < 8; ++t)
+    if (f2u(m.x[t])) return true;
+  return false;
+}
 static inline float vhsum(vf a) {
   float s0 = a.x[0] + a.x[4], s1 = a.x[1] + a.x[5], s2 = a.x[2] + a.x[6], s3 = a.x[3] + a.x[7];
   return (s0 + s2) + (s1 + s3);
