@@ -43,7 +43,6 @@ def _c(fwd, kv, q, pse, pre=(64, 0, 4, 1)) -> Config:
 HEAD_DIMS = (32, 64, 128, 256)
 
 _HALF_SMALL = _c((128, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1), (32, 0, 4, 1))
-_HALF_128_SM80 = _c((64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1), (32, 0, 4, 1))
 _HALF_256 = _c((32, 32, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (16, 0, 4, 1))
 _F32_SMALL = _c((32, 32, 4, 2), (32, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1), (32, 0, 4, 1))
 _F32_128 = _c((16, 32, 4, 2), (16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (32, 0, 4, 1))
@@ -54,9 +53,13 @@ _F32_256 = _c((16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (1
 TABLE: dict[tuple[str, str, int], Config] = {}
 for _arch in ("sm80", "sm90"):
     for _bd in HEAD_DIMS:
-        half = _HALF_256 if _bd == 256 else _HALF_128_SM80 if (_bd == 128 and _arch == "sm80") else _HALF_SMALL
+        half = _HALF_256 if _bd == 256 else _HALF_SMALL
         TABLE[(_arch, "half", _bd)] = half
         TABLE[(_arch, "f32", _bd)] = _F32_256 if _bd == 256 else _F32_128 if _bd == 128 else _F32_SMALL
+# sm_80 entries whose sm_90 tiles spill there.
+TABLE[("sm80", "half", 128)] = _c((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2), (16, 16, 8, 1), (32, 0, 4, 1))
+TABLE[("sm80", "half", 256)] = _c((32, 32, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1), (16, 0, 4, 1))
+TABLE[("sm80", "f32", 256)] = _c((16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1), (16, 16, 8, 1), (16, 0, 4, 1))
 # The interpreter: tiles of 16 (forward and dQ 16 x 32, dK/dV 32 x 16: BM != BN is exercised).
 for _bd in HEAD_DIMS:
     for _dt in ("half", "f32"):
