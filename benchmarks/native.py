@@ -14,6 +14,7 @@ Writes DIR/native.csv and DIR/native.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -111,10 +112,9 @@ def fascore_fn(case: Case, engine: str, keep_prob: float | None = None) -> Calla
     scale = case.d ** -0.5
 
     def fn(q, k, v):
-        with fascore.use_engine(engine):
-            return fascore.npu_fusion_attention_v2(q, k, v, case.n1, "BNSD", scale=scale, keep_prob=kp, seed=1,
-                                                   **kw)[0]
-    return fn
+        return fascore.npu_fusion_attention_v2(q, k, v, case.n1, "BNSD", scale=scale, keep_prob=kp, seed=1, **kw)[0]
+    fn.engine = engine  # step() selects it around forward *and* backward (autograd runs the
+    return fn           # backward with the engine current at backward time)
 
 
 def sdpa_fn(case: Case) -> Callable:
@@ -150,10 +150,13 @@ def step(fn: Callable, case: Case, grad: bool) -> Callable[[], None]:
     q, k, v = inputs(case, grad)
     dy = torch.randn(case.b, case.n1, case.sq, case.d).to(case.dtype) if grad else None
 
+    engine = getattr(fn, "engine", None)
+
     def run() -> None:
-        out = fn(q, k, v)
-        if grad:
-            torch.autograd.grad(out, (q, k, v), dy)
+        with fascore.use_engine(engine) if engine else contextlib.nullcontext():
+            out = fn(q, k, v)
+            if grad:
+                torch.autograd.grad(out, (q, k, v), dy)
     return run
 
 

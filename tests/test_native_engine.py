@@ -352,9 +352,13 @@ def test_invalid_rows_sentinels():
 # TND
 # ----------------------------------------------------------------------------------------------
 @needs_native
-@pytest.mark.parametrize("case", ["mode3", "mode8-alibi", "mode7", "explicit", "compressed-pse", "dropout"])
+@pytest.mark.parametrize("case", ["mode3", "mode8-alibi", "mode7", "explicit", "compressed-pse", "dropout", "no-keys"])
 def test_tnd(case):
-    if case == "compressed-pse":
+    if case == "no-keys":  # a batch without keys: its rows are invalid (or take the sink)
+        inp = make_qkv("TND", N1=2, D=16, seqlens_q=[10, 7, 5], seqlens_kv=[0, 9, 0], seed=7)
+        kw = dict(sink=torch.tensor([0.5, -1.0]))
+        check_segments(inp, scale=0.3)
+    elif case == "compressed-pse":
         inp = make_qkv("TND", N1=2, D=16, seqlens_q=[40, 0, 70], seqlens_kv=[40, 0, 70], seed=1)
         kw = dict(atten_mask=CAUSAL, sparse_mode=3, pse=randn((1, 2, 1024, 70), torch.float32, gen(3)), pse_type=1)
     elif case == "mode8-alibi":
