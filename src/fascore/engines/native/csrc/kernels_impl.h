@@ -858,11 +858,11 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       pack_t(w.kt, kr, krs, nc, D);
       pack_t(w.vt, vr, vrs, nc, Dv);
     }
-    // dK / dV of this key block accumulate in place in the (padded, float32) outputs.
+    // dK / dV of this key block accumulate in place in the (padded, float32) outputs; the first
+    // query block that takes part writes them (any was checked above: there is one).
     float* dka = dkout;
     float* dva = dvout;
-    std::memset(dka, 0, sizeof(float) * nc * Dp);
-    std::memset(dva, 0, sizeof(float) * nc * Dvp);
+    bool first = true;
     for (int64_t qb = 0; qb < P.nq; ++qb) {
       const int kind = tile_kind(P, b, n2, qb, kb);
       if (kind == T_EMPTY) continue;
@@ -901,7 +901,10 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       }
       const float* pd = drop ? w.pd : w.s;
       // dV += Pd^T dY
-      gemm<true, false>(nc, Dvp, M, pd, 1, bkp, w.dy, 16, Dvp, dva, Dvp, nullptr);
+      if (first)
+        gemm<false, false>(nc, Dvp, M, pd, 1, bkp, w.dy, 16, Dvp, dva, Dvp, nullptr);
+      else
+        gemm<true, false>(nc, Dvp, M, pd, 1, bkp, w.dy, 16, Dvp, dva, Dvp, nullptr);
       // dP = dY V^T
       if (M <= kSmallM)
         sdot(M, nc, Dv, w.dy, Dvp, vr, vrs, w.dp, bkp);
@@ -933,7 +936,11 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
         gemm<true, false>(nr, Dp, nc, w.dp + g * nr * bkp, bkp, 1, kr, 16, krs, dqrow, Dp, nullptr);
       }
       // dK += dS^T Q
-      gemm<true, false>(nc, Dp, M, w.dp, 1, bkp, w.q, 16, Dp, dka, Dp, nullptr);
+      if (first)
+        gemm<false, false>(nc, Dp, M, w.dp, 1, bkp, w.q, 16, Dp, dka, Dp, nullptr);
+      else
+        gemm<true, false>(nc, Dp, M, w.dp, 1, bkp, w.q, 16, Dp, dka, Dp, nullptr);
+      first = false;
     }
   }
 }
