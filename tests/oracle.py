@@ -6,7 +6,7 @@ table, and the softmax / dropout / output formulas of SPEC section 5 are applied
 It is meant for small sizes only.
 
 ``attention_oracle(..., dtype=torch.float64)`` is SPEC section 7's ``ref64``;
-``attention_oracle(..., dtype=query.dtype)`` is its ``naive_same_dtype``.  The oracle is
+``attention_oracle(..., dtype=torch.float32)`` rounded to the input dtype is its ``ref_same``.  The oracle is
 differentiable (torch.autograd) w.r.t. query, key, value, query_rope, key_rope, pse and sink, so
 reference gradients come from autograd and not from any hand-written backward formula.
 

@@ -394,10 +394,11 @@ def test_tnd_alibi_start_indices(mode, pse_type):
     lq = [4, 3, 5]
     inp = make_qkv("TND", N1=2, D=4, seed=32, seqlens_q=lq, seqlens_kv=lq)
     slopes = causal_slopes(2 * 3, seed=32).view(3, 2)
-    # next_tokens=2 opens the band above the diagonal so that the start indices change results
+    # next_tokens=2 opens the band above the diagonal so that the start indices change results;
+    # mode 8 needs actual_seq_qlen[0] - actual_seq_kvlen[0] + qs - ks == 0 (SPEC 3)
     check_forward(inp, scale=0.4, sparse_mode=mode, atten_mask=CAUSAL, pre_tokens=1,
                   next_tokens=2, pse=slopes, pse_type=pse_type, q_start_idx=[3],
-                  kv_start_idx=[1])
+                  kv_start_idx=[3 if mode == 8 else 1])
     check_forward(inp, scale=0.4, pse=slopes[0], pse_type=pse_type, q_start_idx=[0],
                   kv_start_idx=[4])
 

@@ -168,7 +168,8 @@ def test_chaining_fascore_calls_equals_the_full_call():
     p2 = fascore.npu_fusion_attention_v2(q, k[h:], v[h:], N, "SBH", atten_mask=mask[:, h:].contiguous(), **kw)
     out, m, l = ring_attention_update(p1[0], p1[1], p1[2], p2[0], p2[1], p2[2])
     torch.testing.assert_close(out, full[0], rtol=0, atol=2e-6)
-    assert torch.equal(m, full[1])
+    # the halves' logits come from GEMMs of other shapes: equal up to float32 rounding, not bitwise
+    torch.testing.assert_close(m, full[1], rtol=1e-6, atol=0)
     torch.testing.assert_close(l, full[2], rtol=1e-6, atol=0)
     assert (m[:, :, 5] == -FLT_MAX).all() and (l[:, :, 5] == FLT_MAX).all() and (out[5] == 0).all()
 
@@ -190,7 +191,8 @@ def test_chaining_fascore_tnd_calls():
     p2 = fascore.npu_fusion_attention(q, k[rest], v[rest], N, "TND", scale=0.4, actual_seq_qlen=cq, actual_seq_kvlen=c2)
     out, m, l = ring_attention_update(p1[0], p1[1], p1[2], p2[0], p2[1], p2[2], torch.tensor([0] + cq), "TND")
     torch.testing.assert_close(out, full[0], rtol=0, atol=2e-6)
-    assert torch.equal(m, full[1])
+    # the halves' logits come from GEMMs of other shapes: equal up to float32 rounding, not bitwise
+    torch.testing.assert_close(m, full[1], rtol=1e-6, atol=0)
     torch.testing.assert_close(l, full[2], rtol=1e-6, atol=0)
 
 

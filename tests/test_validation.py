@@ -530,6 +530,20 @@ for _pt in [2, 3]:
     pos(f"alibi{_pt}-start-idx",
         lambda _pt=_pt: dict(pse_type=_pt, pse=torch.rand(N1), q_start_idx=[3],
                              kv_start_idx=[1]), apis=V2ONLY)
+    # mode 8 (SPEC 3): actual_seq_qlen[0] - actual_seq_kvlen[0] + qs - ks == 0
+    neg(f"alibi{_pt}-mode8-start-idx-differ", ("sparse_mode", "actual_seq_qlen", "actual_seq_kvlen",
+                                               "q_start_idx", "kv_start_idx"),
+        lambda _pt=_pt: tnd([6, 16], [6, 16], pse_type=_pt, pse=torch.rand(N1), sparse_mode=8,
+                            atten_mask=cmask(), q_start_idx=[3], kv_start_idx=[1]), V2ONLY)
+    neg(f"alibi{_pt}-mode8-first-lengths-differ", ("sparse_mode", "actual_seq_qlen", "actual_seq_kvlen"),
+        lambda _pt=_pt: tnd([0, 6, 16], [2, 8, 18], pse_type=_pt, pse=torch.rand(N1), sparse_mode=8,
+                            atten_mask=cmask()), V2ONLY)
+    pos(f"alibi{_pt}-mode8-balanced-offsets",
+        lambda _pt=_pt: tnd([0, 6, 16], [2, 8, 18], pse_type=_pt, pse=torch.rand(N1), sparse_mode=8,
+                            atten_mask=cmask(), q_start_idx=[2], kv_start_idx=[0]), apis=V2ONLY)
+    pos(f"alibi{_pt}-mode8-equal-start-idx",
+        lambda _pt=_pt: tnd([6, 16], [6, 16], pse_type=_pt, pse=torch.rand(N1), sparse_mode=8,
+                            atten_mask=cmask(), q_start_idx=[3], kv_start_idx=[3]), apis=V2ONLY)
 
 # sink: float32 [N1]
 for _name, _mk in {"f16": lambda: torch.zeros(N1, dtype=torch.float16),

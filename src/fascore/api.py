@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .engine import get_engine
 from .errors import invalid, nullptr, runtime
-from .layouts import from_bnsd, tnd_rows, tnd_stats_view, to_bnsd
+from .layouts import from_bnsd, from_bnsd_copies, tnd_rows, tnd_stats_view, to_bnsd
 from .problem import Problem
 from .validation import INT32_MAX, Names, build_problem
 
@@ -58,19 +59,37 @@ def available_memory(device: torch.device) -> int:
     return have if cg is None else min(have, cg)
 
 
-def check_memory(prob: Problem, backward: bool) -> int:
-    """Estimated bytes of a run (outputs + engine scratch); 361001 if they cannot fit."""
-    engine = get_engine()
+def _restore_bytes(prob: Problem, backward: bool) -> int:
+    """Bytes the API allocates around the engine: results in the caller's dtype and layout
+    (a copy where the dtype or the layout differs from the engine's [B, N, S, D] float32), the
+    [.., 8] statistics, the dpse buffer."""
     item = torch.finfo(prob.dtype).bits // 8
-    outs = 1
-    for s in prob.out_shape:
-        outs *= s
-    stats = 1
-    for s in prob.stats_shape:
-        stats *= s
-    need = outs * item + 2 * stats * 4
+    conv = prob.dtype not in (torch.float32, torch.float64)
+
+    def copies(t: Tensor | None) -> int:  # of one result with the shape of ``t`` [B, N, S, D]
+        if prob.layout == "TND":
+            return 1 + conv
+        return conv + from_bnsd_copies(tuple(t.shape), prob.layout) if t is not None else conv
+
     if backward:
-        need += sum(s.q.numel() + s.k.numel() + s.v.numel() for s in prob.segments) * item
+        (seg,) = prob.segments if prob.layout != "TND" else (None,)
+        per = [(seg.q if seg else None, prob.inputs[0]), (seg.k if seg else None, prob.inputs[1]),
+               (seg.v if seg else None, prob.inputs[2])]
+        need = sum(x.numel() * item * (copies(s4) + (prob.rope is not None)) for s4, x in per)
+        need += sum(t.numel() * item * 2 for t in prob.rope) if prob.rope is not None else 0
+        return need + (prob.pse.numel() * (4 + item) if prob.pse is not None else 0)
+    (seg,) = prob.segments if prob.layout != "TND" else (None,)
+    shape = (seg.q.shape[0], prob.n1, seg.q.shape[2], prob.dv) if seg is not None else None
+    outs = math.prod(prob.out_shape)
+    n = copies(torch.empty(shape, device="meta") if shape else None)
+    return outs * item * n + 2 * math.prod(prob.stats_shape) * 4
+
+
+def check_memory(prob: Problem, backward: bool) -> int:
+    """Estimated bytes of a run (what the API allocates around the engine, and the engine's own
+    allocations for its largest segment); 361001 if they cannot fit, before any work starts."""
+    engine = get_engine()
+    need = _restore_bytes(prob, backward)
     need += max((engine.workspace_bytes(s, prob, backward) for s in prob.segments), default=0)
     have = available_memory(prob.device)
     if need > have:

@@ -38,19 +38,19 @@ def window(seg: Segment, bq: int) -> tuple[int, int] | None:
 class _Band:
     """Padded operands and the window pattern of one segment."""
 
-    def __init__(self, seg: Segment, prob: Problem, mm: torch.dtype, ct: torch.dtype, bq: int, off: int,
-                 width: int, tile_bytes: int) -> None:
+    def __init__(self, seg: Segment, prob: Problem, ct: torch.dtype, bq: int, off: int, width: int,
+                 tile_bytes: int) -> None:
         b, n1, sq, d = seg.q.shape
         n2, skv = seg.k.shape[1], seg.k.shape[2]
         self.b, self.n1, self.n2, self.g, self.sq, self.skv = b, n1, n2, n1 // n2, sq, skv
         self.nq = -(-sq // bq)
-        self.bq, self.off, self.width, self.seg, self.prob, self.mm, self.ct = bq, off, width, seg, prob, mm, ct
+        self.bq, self.off, self.width, self.seg, self.prob, self.ct = bq, off, width, seg, prob, ct
+        dev = seg.q.device
         self.left = max(0, -off)
         right = max(0, (self.nq - 1) * bq + off + width - skv)
-        self.q = F.pad(seg.q.to(mm), (0, 0, 0, self.nq * bq - sq)).contiguous()  # [B, N1, nq*bq, D]
-        self.k = F.pad(seg.k.to(mm), (0, 0, self.left, right)).contiguous()  # [B, N2, Kp, D]
-        self.v = F.pad(seg.v.to(mm), (0, 0, self.left, right)).contiguous()
-        dev = seg.q.device
+        self.q = F.pad(seg.q.to(ct), (0, 0, 0, self.nq * bq - sq)).contiguous()  # [B, N1, nq*bq, D]
+        self.k = F.pad(seg.k.to(ct), (0, 0, self.left, right)).contiguous()  # [B, N2, Kp, D]
+        self.v = F.pad(seg.v.to(ct), (0, 0, self.left, right)).contiguous()
         self.rel = off + torch.arange(width, device=dev)[None, :] - torch.arange(bq, device=dev)[:, None]
         self.pattern = (self.rel >= seg.mask.lo) & (self.rel <= seg.mask.hi)  # [bq, W]
         self.bias = None
@@ -79,10 +79,9 @@ class _Band:
         return q, kw, vw, slope
 
     def logits(self, q: Tensor, kw: Tensor, r0: int, r1: int, slope: float | None) -> Tensor:
-        """Scaled, biased, masked logits [r1-r0, bq, W] of blocks [r0, r1)."""
+        """Scaled, biased, masked float32 logits [r1-r0, bq, W] of blocks [r0, r1)."""
         s = torch.baddbmm(torch.empty((), dtype=q.dtype, device=q.device), q[r0:r1], kw[r0:r1].transpose(1, 2),
                           beta=0, alpha=self.prob.scale)
-        s = s.to(self.ct) if s.dtype != self.ct else s
         if slope is not None:
             s.sub_(self.bias, alpha=slope)
         return s.masked_fill_(self.masked[r0 // self.step], float("-inf"))
@@ -91,9 +90,9 @@ class _Band:
         return r0 * self.bq, min(r1 * self.bq, self.sq)
 
 
-def forward(seg: Segment, prob: Problem, mm: torch.dtype, ct: torch.dtype, bq: int, off: int, width: int,
+def forward(seg: Segment, prob: Problem, ct: torch.dtype, bq: int, off: int, width: int,
             tile_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
-    w = _Band(seg, prob, mm, ct, bq, off, width, tile_bytes)
+    w = _Band(seg, prob, ct, bq, off, width, tile_bytes)
     dev, dv = seg.q.device, seg.v.shape[-1]
     out = torch.empty(w.b, w.n1, w.sq, dv, dtype=ct, device=dev)
     m_out = torch.empty(w.b, w.n1, w.sq, dtype=ct, device=dev)
@@ -109,7 +108,7 @@ def forward(seg: Segment, prob: Problem, mm: torch.dtype, ct: torch.dtype, bq: i
                 m = s.amax(-1)
                 s.sub_(m.masked_fill(m == float("-inf"), 0.0).unsqueeze(-1)).exp_()
                 l = s.sum(-1)
-                acc = torch.bmm(s.to(mm), vw[r0:r1]).to(ct) if mm != ct else torch.bmm(s, vw[r0:r1])
+                acc = torch.bmm(s, vw[r0:r1])
                 o, m, l = finalize(m, l, acc, sink)
                 i0, i1 = w.rows(r0, r1)
                 out[bi, n, i0:i1] = o.reshape(-1, dv)[:i1 - i0]
@@ -118,15 +117,15 @@ def forward(seg: Segment, prob: Problem, mm: torch.dtype, ct: torch.dtype, bq: i
     return out, m_out, l_out
 
 
-def backward(seg: Segment, prob: Problem, dy: Tensor, lse: Tensor, r: Tensor, mm: torch.dtype, ct: torch.dtype,
+def backward(seg: Segment, prob: Problem, dy: Tensor, lse: Tensor, r: Tensor, ct: torch.dtype,
              bq: int, off: int, width: int, tile_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) with P rebuilt from ``lse``; ``r`` = rowsum(dy * out). Fixed order."""
-    w = _Band(seg, prob, mm, ct, bq, off, width, tile_bytes)
+    w = _Band(seg, prob, ct, bq, off, width, tile_bytes)
     dev, d, dv = seg.q.device, seg.q.shape[-1], seg.v.shape[-1]
     nw, rows = width // bq, w.nq * bq
     lse_p = F.pad(lse.to(ct), (0, rows - w.sq), value=float("inf"))  # padded rows: P = 0
     r_p = F.pad(r.to(ct), (0, rows - w.sq))
-    dy_p = F.pad(dy.to(mm), (0, 0, 0, rows - w.sq))
+    dy_p = F.pad(dy.to(ct), (0, 0, 0, rows - w.sq))
     dq = torch.empty(w.b, w.n1, w.sq, d, dtype=ct, device=dev)
     nblk = w.k.shape[2] // bq + nw + 1
     dk = torch.zeros(w.b, w.n2, nblk, bq, d, dtype=ct, device=dev)
@@ -142,12 +141,12 @@ def backward(seg: Segment, prob: Problem, dy: Tensor, lse: Tensor, r: Tensor, mm
                 r1 = min(r0 + w.step, w.nq)
                 p = w.logits(q, kw, r0, r1, slope).sub_(lse_h[r0:r1]).exp_()
                 p.masked_fill_(w.masked[r0 // w.step], 0.0)  # exp(-inf - lse) is NaN for a NaN/-inf lse
-                dv_win = torch.bmm(p.transpose(1, 2).to(mm), dy_h[r0:r1]).to(ct)  # [n, W, Dv]
-                ds = torch.bmm(dy_h[r0:r1], vw[r0:r1].transpose(1, 2)).to(ct)
-                ds = ds.sub_(r_h[r0:r1]).mul_(p).to(mm)
+                dv_win = torch.bmm(p.transpose(1, 2), dy_h[r0:r1])  # [n, W, Dv]
+                ds = torch.bmm(dy_h[r0:r1], vw[r0:r1].transpose(1, 2))
+                ds = ds.sub_(r_h[r0:r1]).mul_(p)
                 i0, i1 = w.rows(r0, r1)
-                dq[bi, n, i0:i1] = (torch.bmm(ds, kw[r0:r1]).to(ct) * prob.scale).reshape(-1, d)[:i1 - i0]
-                dk_win = (torch.bmm(ds.transpose(1, 2), q[r0:r1]).to(ct) * prob.scale).view(r1 - r0, nw, bq, d)
+                dq[bi, n, i0:i1] = (torch.bmm(ds, kw[r0:r1]) * prob.scale).reshape(-1, d)[:i1 - i0]
+                dk_win = (torch.bmm(ds.transpose(1, 2), q[r0:r1]) * prob.scale).view(r1 - r0, nw, bq, d)
                 dv_win = dv_win.view(r1 - r0, nw, bq, dv)
                 for c in range(nw):  # sub-block c of block r's window is key block base + r + c
                     dk_h[base + r0 + c:base + r1 + c] += dk_win[:, c]
@@ -155,3 +154,22 @@ def backward(seg: Segment, prob: Problem, dy: Tensor, lse: Tensor, r: Tensor, mm
     dk = dk.flatten(2, 3)[:, :, w.left:w.left + w.skv]
     dvv = dvv.flatten(2, 3)[:, :, w.left:w.left + w.skv]
     return dq, dk, dvv
+
+
+def workspace_bytes(seg: Segment, prob: Problem, it: int, bq: int, off: int, width: int, tile_bytes: int,
+                    backward: bool) -> int:
+    """Bytes of the band path: padded float32 copies of q, k, v (dy), the per-chunk window
+    pattern, a chunk of window tiles, and the results (dq, dk, dv windows for backward)."""
+    b, n1, sq, d = seg.q.shape
+    n2, skv, dv = seg.k.shape[1], seg.k.shape[2], seg.v.shape[-1]
+    nq = -(-sq // bq)
+    step = max(1, tile_bytes // (bq * width * it))
+    pad_q, pad_k = nq * bq, skv + 2 * width
+    copies = b * (n1 * pad_q * d + n2 * pad_k * (d + dv)) * it
+    pattern = nq * bq * width  # bool, one chunk's worth per chunk of blocks
+    tile = min(step, nq) * bq * width * it
+    results = b * n1 * sq * (dv + 2) * it
+    if backward:
+        results = b * (n1 * sq * (d + dv + 2) + 2 * n2 * (pad_k + bq) * (d + dv)) * it
+        return copies + pattern + 6 * tile + results
+    return copies + pattern + 3 * tile + results

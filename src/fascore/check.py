@@ -2,10 +2,13 @@
 
 Every case runs the operator (the current engine, on the chosen device) forward and, for most,
 backward through autograd, and compares with fascore's dense reference engine on CPU in float64
-(``ref64``), under SPEC §7's rule: ``max|fascore - ref64| <= factor * max|naive - ref64| + eps``
-with ``naive`` the same dense formula computed in the input dtype, factor 2 for outputs and
-statistics, 3 for gradients, and eps one unit of the dtype's rounding at 1.0 (fp32 1e-5),
-scaled by ``max(1, max|ref64|)``. Invalid-row sentinels (+-FLT_MAX) must match exactly.
+(``ref64``), under SPEC §7's rules: for attention_out and the gradients
+``max|fascore - ref64| <= factor * max|ref_same - ref64| + eps`` with ``ref_same`` the reference
+engine on the same inputs in the input dtype (float32 logits), factor 2 for outputs and 3 for
+gradients, eps one unit of the dtype's rounding at 1.0 (fp32 1e-5) scaled by
+``max(1, max|ref64|)``; at most 0.5 % of attention_out's elements beyond
+max(0.005 |ref64|, 2.5e-5); softmax_max / softmax_sum at float32 level per element (1e-5 / 1e-4
+relative) whatever the input dtype. Invalid-row sentinels (+-FLT_MAX) must match exactly.
 
 The cases cover layouts x sparse modes x pse types x dtypes x dropout x TND x GQA (plus sink,
 rope, invalid rows, softmax_layout, the v1 spelling, and error codes). ``quick`` is the CI
@@ -16,12 +19,11 @@ subset; the full run adds random combinations and longer sequences.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -264,45 +266,15 @@ def _call(api: str, kw: dict[str, Any]) -> tuple:
     return fascore.npu_fusion_attention_v2(*args, **kw)
 
 
-# --------------------------------------------------------------------------- the naive engine
-class _SameDtypeReference:
-    """The reference formula computed in the input dtype: SPEC §7's naive_same_dtype."""
-
-    @staticmethod
-    def forward(seg: Any, prob: Any) -> tuple[Tensor, Tensor, Tensor]:
-        return reference.forward(seg, prob, compute_dtype=prob.dtype)
-
-    @staticmethod
-    def backward(seg: Any, prob: Any, dy: Tensor, out: Tensor, m: Tensor, l: Tensor, dpse: Any,
-                 dsink: Any) -> tuple[Tensor, Tensor, Tensor]:
-        return reference.backward(seg, prob, dy, out, m, l, dpse, dsink, compute_dtype=prob.dtype)
-
-    @staticmethod
-    def workspace_bytes(seg: Any, prob: Any, backward: bool) -> int:
-        return reference.workspace_bytes(seg, prob, backward)
-
-
-_NAIVE = "_check_same_dtype_reference"
-
-
-@contextlib.contextmanager
-def _naive_engine() -> Iterator[None]:
-    _engine.register_engine(_NAIVE, _SameDtypeReference())
-    try:
-        with _engine.use_engine(_NAIVE):
-            yield
-    finally:
-        _engine._ENGINES.pop(_NAIVE, None)
-
-
 # --------------------------------------------------------------------------- comparison
-def compare(quantity: str, lib: Tensor, ref: Tensor, naive: Tensor, dtype: torch.dtype, factor: float) -> Check:
-    """SPEC §7 for one tensor; sentinels of ref (+-FLT_MAX) must match exactly."""
+def compare(quantity: str, lib: Tensor, ref: Tensor, same: Tensor, dtype: torch.dtype, factor: float) -> Check:
+    """SPEC §7's rule for an output or gradient: max|lib - ref64| <= factor * max|ref_same - ref64|
+    + eps; sentinels of ref (+-FLT_MAX) must match exactly."""
     if tuple(lib.shape) != tuple(ref.shape):
         return Check(f"{quantity} shape {tuple(lib.shape)} != {tuple(ref.shape)}", math.inf, 0.0)
     lib64 = lib.detach().to("cpu", torch.float64)
     ref64 = ref.detach().to("cpu", torch.float64)
-    nv = naive.detach().to("cpu", torch.float64)
+    nv = same.detach().to("cpu", torch.float64)
     sentinel = ref64.abs() == FLT_MAX
     if bool(((lib64 != ref64) & sentinel).any()):
         return Check(f"{quantity} (invalid-row sentinels)", math.inf, 0.0)
@@ -315,6 +287,38 @@ def compare(quantity: str, lib: Tensor, ref: Tensor, naive: Tensor, dtype: torch
         return Check(quantity + " (NaN)", math.inf, 0.0)
     scale = max(1.0, ref64[rest].abs().max().item())
     return Check(quantity, err, factor * err_nv + EPS[dtype] * scale)
+
+
+STATS_REL = {"softmax_max": 1e-5, "softmax_sum": 1e-4}
+
+
+def compare_stats(quantity: str, lib: Tensor, ref: Tensor) -> Check:
+    """SPEC §7 for a statistic, any input dtype: per element |x - ref64| <= 1e-5 * max(1, |ref64|)
+    (softmax_max) or <= 1e-4 * ref64 (softmax_sum); reported as the worst ratio to that bound."""
+    if tuple(lib.shape) != tuple(ref.shape):
+        return Check(f"{quantity} shape {tuple(lib.shape)} != {tuple(ref.shape)}", math.inf, 0.0)
+    lib64 = lib.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    sentinel = ref64.abs() == FLT_MAX
+    if bool(((lib64 != ref64) & sentinel).any()):
+        return Check(f"{quantity} (invalid-row sentinels)", math.inf, 0.0)
+    if bool(torch.isnan(lib64).any()):
+        return Check(quantity + " (NaN)", math.inf, 0.0)
+    bound = STATS_REL[quantity] * (ref64.abs().clamp(min=1.0) if quantity == "softmax_max" else ref64.abs())
+    err = (lib64 - ref64).abs().masked_fill(sentinel, 0.0)
+    over = torch.where(bound > 0, err / bound.clamp(min=1e-300), torch.where(err > 0, math.inf, 0.0))
+    return Check(quantity + " (float32 level)", over.max().item() if over.numel() else 0.0, 1.0)
+
+
+def compare_golden(quantity: str, lib: Tensor, ref: Tensor) -> Check:
+    """SPEC §7's golden criterion: the fraction of elements with |lib - ref64| > max(0.005 |ref64|,
+    2.5e-5) is at most 0.5 %."""
+    lib64 = lib.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    if ref64.numel() == 0:
+        return Check(quantity + " (golden 0.5 %)", 0.0, 0.005)
+    off = (lib64 - ref64).abs() > torch.clamp(0.005 * ref64.abs(), min=2.5e-5)
+    return Check(quantity + " (golden 0.5 %)", off.double().mean().item(), 0.005)
 
 
 def _forward_backward(s: Spec, kw: dict[str, Any], dy: Tensor | None) -> tuple[tuple, dict[str, Tensor]]:
@@ -332,11 +336,12 @@ def _forward_backward(s: Spec, kw: dict[str, Any], dy: Tensor | None) -> tuple[t
 
 
 def run_case(s: Spec, device: torch.device, engine: str | None = None) -> Result:
-    """Run one case: fascore (``engine`` or the default) on ``device`` against ref64 / naive on CPU."""
+    """Run one case: fascore (``engine`` or the default) on ``device`` against ref64 / ref_same on CPU."""
     r = Result(s.name, s.features())
     t0 = time.perf_counter()
     try:
-        base = make_inputs(s)
+        cpu = torch.device("cpu")
+        base = _place(s, make_inputs(s), s.dtype, cpu)  # ref64 runs on the very values fascore sees
         lib_kw = _place(s, base, s.dtype, device)
         with _engine.use_engine(engine or _engine.current_engine_name()):
             res0 = _call(s.api, lib_kw)
@@ -351,19 +356,17 @@ def run_case(s: Spec, device: torch.device, engine: str | None = None) -> Result
             if (s.seed and res[4] != s.seed) or res[4] == 0:
                 raise AssertionError(f"seed={s.seed} came back as {res[4]}")
             base = dict(base, seed=res[4], offset=res[5])
-        cpu = torch.device("cpu")
         with _engine.use_engine("reference"):
             ref, g_ref = _forward_backward(s, _place(s, base, torch.float64, cpu), dy)
-        with _naive_engine():
+        with _engine.use_engine("reference"):  # ref_same: float32 logits, results in the input dtype
             nv, g_nv = _forward_backward(s, _place(s, base, s.dtype, cpu), dy)
         out = res[0]
         if out.dtype != s.dtype or out.device.type != device.type:
             raise AssertionError(f"attention_out is {out.dtype} on {out.device}, expected {s.dtype} on {device}")
         r.checks.append(compare("attention_out", res[0], ref[0], nv[0], s.dtype, 2.0))
-        # statistics are float32 for every input dtype: at least float32's rounding as eps
-        stats_eps = torch.float32 if s.dtype == torch.float64 else s.dtype
+        r.checks.append(compare_golden("attention_out", res[0], ref[0]))
         for i, q in ((1, "softmax_max"), (2, "softmax_sum")):
-            r.checks.append(compare(q, res[i], ref[i], nv[i], stats_eps, 2.0))
+            r.checks.append(compare_stats(q, res[i], ref[i]))
         if tuple(res[3].shape) != (0,) or res[6] != ref[6]:
             r.checks.append(Check(f"softmax_out {tuple(res[3].shape)} / numels {res[6]} vs {ref[6]}", math.inf, 0.0))
         for n, gl in g_lib.items():

@@ -100,6 +100,9 @@ class Dropout:
     def threshold(self) -> int:
         return keep_threshold(self.keep_prob)
 
+    def batches(self, b0: int, b1: int) -> Dropout:
+        return Dropout(self.keep_prob, self.base[b0:b1], self.sq, self.row, self.bits, self.seed, self.offset)
+
     def keep(self, n1: int, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor:
         """Boolean keep tile [B, n1, i1 - i0, j1 - j0]."""
         base = torch.tensor(self.base, dtype=torch.int64, device=device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
@@ -28,6 +29,17 @@ def from_bnsd(y: Tensor, layout: str) -> Tensor:
     if layout == "BSND":
         return y.permute(0, 2, 1, 3).contiguous()
     return y.contiguous()
+
+
+def from_bnsd_copies(shape: tuple[int, ...], layout: str) -> bool:
+    """Does ``from_bnsd`` copy a contiguous [B, N, S, D] tensor of ``shape``? (Not when the
+    permutation only moves size-1 axes.)"""
+    x = torch.empty(shape, device="meta")
+    if layout in ("BSH", "BSND"):
+        return not x.permute(0, 2, 1, 3).is_contiguous()
+    if layout == "SBH":
+        return not x.permute(2, 0, 1, 3).is_contiguous()
+    return False
 
 
 @dataclass(frozen=True)

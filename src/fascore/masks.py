@@ -46,6 +46,14 @@ class MaskSpec:
             allowed = keep if allowed is None else allowed & keep
         return allowed
 
+    def batches(self, b0: int, b1: int) -> MaskSpec:
+        """The rule of batches [b0, b1) of a segment (per-batch prefix and explicit mask sliced)."""
+        explicit = self.explicit
+        if explicit is not None and explicit.shape[0] > 1:
+            explicit = explicit[b0:b1]
+        prefix = self.prefix[b0:b1] if self.prefix is not None else None
+        return MaskSpec(self.sq, self.skv, self.lo, self.hi, prefix, explicit)
+
     def materialize(self, device: torch.device | None = None) -> Tensor:
         """Dense boolean take-part matrix broadcastable to [B, N1, Sq, Skv] (tests, reference)."""
         device = device if device is not None else (self.explicit.device if self.explicit is not None else None)

@@ -28,6 +28,12 @@ class Segment:
     dropout: Dropout | None = None
     batch: Batch | None = None  # TND batch, None otherwise
 
+    def batches(self, b0: int, b1: int) -> Segment:
+        """Batches [b0, b1) of this segment as a segment of their own (engines chunk with it)."""
+        return Segment(self.q[b0:b1], self.k[b0:b1], self.v[b0:b1], self.mask.batches(b0, b1),
+                       self.pse.batches(b0, b1) if self.pse is not None else None, self.pse_rows,
+                       self.dropout.batches(b0, b1) if self.dropout is not None else None, self.batch)
+
 
 @dataclass
 class Problem:

@@ -20,6 +20,9 @@ class DensePse:
     t: Tensor
     pre_scale: bool
 
+    def batches(self, b0: int, b1: int) -> DensePse:
+        return DensePse(_rows(self.t, b0, b1), self.pre_scale)
+
     def tile(self, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype) -> Tensor:
         rows = slice(i0, i1) if self.t.shape[2] > 1 else slice(0, 1)
         return self.t[:, :, rows, j0:j1].to(dtype)
@@ -46,6 +49,9 @@ class CompressedPse:
     pre_scale: bool
     sq: int
     tnd: bool  # False: SPEC's 1024-row form for Sq > 1024; True: TND's row-1023 form
+
+    def batches(self, b0: int, b1: int) -> CompressedPse:
+        return CompressedPse(_rows(self.t, b0, b1), self.pre_scale, self.sq, self.tnd)
 
     def index(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor]:
         dev = self.t.device
@@ -83,6 +89,9 @@ class AlibiPse:
     sqrt: bool
     pre_scale = False
 
+    def batches(self, b0: int, b1: int) -> AlibiPse:
+        return AlibiPse(_rows(self.slopes, b0, b1), self.qs, self.ks, self.sqrt)
+
     def tile(self, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype) -> Tensor:
         dev = self.slopes.device
         i = torch.arange(i0 + self.qs, i1 + self.qs, device=dev, dtype=dtype)[:, None]
@@ -94,6 +103,16 @@ class AlibiPse:
 
 
 Pse = DensePse | CompressedPse | AlibiPse
+
+
+def _rows(t: Tensor, b0: int, b1: int) -> Tensor:
+    """Batches [b0, b1) of a per-batch tensor; a batch-broadcast one (leading 1) is shared."""
+    return t[b0:b1] if t.shape[0] > 1 else t
+
+
+def grad_rows(grad: Tensor, b0: int, b1: int) -> Tensor:
+    """The part of a pse-shaped gradient buffer that batches [b0, b1) add into."""
+    return _rows(grad, b0, b1)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:

@@ -425,6 +425,11 @@ def build_problem(
             raise invalid(f"{nm[n_]}=[]: give at least one start index or None")
         starts.append(_int(lst[0], nm[n_], INT32_MIN, INT32_MAX))
     qs, ks = starts
+    if slopes is not None and layout == "TND" and mode == 8 and cq[0] - ck[0] + qs - ks != 0:
+        raise invalid(f"{nm['sparse_mode']}=8 with {nm['pse_type']}={ptype}: {nm['actual_seq_qlen']}[0] - "
+                      f"{nm['actual_seq_kvlen']}[0] + {nm['q_start_idx']}[0] - {nm['kv_start_idx']}[0] = "
+                      f"{cq[0]} - {ck[0]} + {qs} - {ks} = {cq[0] - ck[0] + qs - ks}: must be 0 "
+                      "(the first batch's ALiBi diagonal must be the main one)")
 
     if sink is not None:
         sink = _tensor(sink, nm["sink"], device)
