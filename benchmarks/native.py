@@ -6,7 +6,8 @@ Rows of issue 12's table: dense fp32/bf16/fp16 B1 N8 S2048 D128, causal (sparse_
 causal B2 N16/4 S1024 D64, small causal B4 N8 S256 D64, decode B8 N32 Sq1 Skv4096 D128, band
 w256 S8192 (SDPA with a boolean mask; FlexAttention compiled, forward), dropout (keep_prob 0.9,
 vs the engine's own time without dropout). Each time is the median of ``--repeat`` runs after a
-warm-up; ratios are native time / SDPA time measured in the same run and thread count. The bmm
+warm-up; ratios are native time / SDPA time measured in the same run and thread count, with the
+implementations of a case interleaved repeat by repeat (so that load changes hit all alike). The bmm
 ceiling (GFLOP/s of torch.bmm in the same dtype) is measured in the same run; effective GFLOP/s
 count the (i, j) pairs that take part (4*D flops per pair forward, 2.5x that for backward).
 Writes DIR/native.csv and DIR/native.json and prints a table.
@@ -161,6 +162,7 @@ def step(fn: Callable, case: Case, grad: bool) -> Callable[[], None]:
 
 
 def run_case(case: Case, repeat: int, threads: int, with_flash: bool) -> list[dict]:
+    """All implementations of one case, interleaved repeat by repeat (load changes hit all alike)."""
     rows = []
     impls = {"native": fascore_fn(case, "native"), "sdpa": sdpa_fn(case)}
     if with_flash:
@@ -175,16 +177,27 @@ def run_case(case: Case, repeat: int, threads: int, with_flash: bool) -> list[di
         except Exception as e:  # noqa: BLE001 - report, do not abort
             print(f"  flex unavailable: {type(e).__name__}: {e}", file=sys.stderr)
     flops = 4 * case.b * case.n1 * case.pairs() * case.d
-    for name, fn in impls.items():
-        for passes in ("fwd", "fwd+bwd"):
-            if name == "flex" and passes == "fwd+bwd":
+    for passes in ("fwd", "fwd+bwd"):
+        grad = passes == "fwd+bwd"
+        steps = {}
+        for name, fn in impls.items():
+            if name == "flex" and grad:
                 continue  # FlexAttention has no CPU backward
             try:
-                t = timed(step(fn, case, passes == "fwd+bwd"), repeat)
+                run = step(fn, case, grad)
+                run()  # warm-up (and compile, for flex)
+                steps[name] = run
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} {passes} failed: {type(e).__name__}: {e}", file=sys.stderr)
-                continue
-            mult = 3.5 if passes == "fwd+bwd" else 1.0
+        times: dict[str, list[float]] = {n: [] for n in steps}
+        for _ in range(repeat):
+            for name, run in steps.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+        mult = 3.5 if grad else 1.0
+        for name, ts in times.items():
+            t = statistics.median(ts)
             rows.append(dict(case=case.name, impl=name, passes=passes, threads=threads, seconds=round(t, 5),
                              gflops_effective=round(mult * flops / t / 1e9, 1)))
             print(f"  {threads}T {case.name:18s} {name:13s} {passes:8s} {t:9.5f} s {rows[-1]['gflops_effective']:7.1f} "
