@@ -51,6 +51,10 @@ static inline float at_f(const void* base, int dt, int64_t idx) {
   uint16_t h = static_cast<const uint16_t*>(base)[idx];
   return dt == DT_F16 ? h2f(h) : bf2f(h);
 }
+// base + off elements of dtype dt
+static inline const void* eptr(const void* base, int dt, int64_t off) {
+  return static_cast<const char*>(base) + off * (dt == DT_F32 ? 4 : 2);
+}
 static inline float sexp(float x) { return vhmax(vexp(vset1(x))); }  // scalar exp, same as lanes
 // max that propagates NaN (torch.maximum / amax semantics)
 static inline float nanmax(float a, float b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
@@ -78,14 +82,22 @@ static inline void load_span(float* dst, const void* base, int dt, int64_t off, 
 }
 
 // ------------------------------------------------------------------------------------------
-// GEMM: C[M, N] (+)= A[M, K] B[K, N], float32, one thread.
-// A(r, k) = A[r * ars + k * aks] (broadcast, any strides); B(k, n) = Bp[k * ldb + n % 16] with
-// Bp = B + (n / 16) * bps (row-major B: bps = 16; packed panels: bps = 16 * K, ldb = 16);
-// N is a multiple of 8. RS: C is scaled by rs[r] before accumulating.
+// GEMM: C[M, N] (+)= A[M, K] B[K, N], float32 accumulation, one thread.
+// A(r, k) = A[r * ars + k * aks] (float32, broadcast, any strides); B(k, n) = B[boff + k * ldb + n % 16]
+// with boff = (n / 16) * bps (row-major B: bps = 16; packed panels: bps = 16 * K, ldb = 16), B in
+// float32, float16 or bfloat16 (BDT; converted as loaded); N is a multiple of 8.
+// RS: C is scaled by rs[r] before accumulating.
 // ------------------------------------------------------------------------------------------
-template <int MR, int NV, bool ACC, bool RS>
-static inline void mk(int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb, float* C,
-                      int64_t ldc, const float* rs) {
+template <int BDT>
+static inline vf bld(const void* B, int64_t idx) {
+  if (BDT == DT_F32) return vld(static_cast<const float*>(B) + idx);
+  const uint16_t* p = static_cast<const uint16_t*>(B) + idx;
+  return BDT == DT_F16 ? vld_f16(p) : vld_bf16(p);
+}
+
+template <int MR, int NV, bool ACC, bool RS, int BDT>
+static inline void mk(int64_t K, const float* A, int64_t ars, int64_t aks, const void* B, int64_t boff, int64_t ldb,
+                      float* C, int64_t ldc, const float* rs) {
   vf c[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -102,7 +114,7 @@ static inline void mk(int64_t K, const float* A, int64_t ars, int64_t aks, const
   for (int64_t k = 0; k < K; ++k) {
     vf b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = vld(B + k * ldb + 8 * v);
+    for (int v = 0; v < NV; ++v) b[v] = bld<BDT>(B, boff + k * ldb + 8 * v);
     const float* a = A + k * aks;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
@@ -117,21 +129,21 @@ static inline void mk(int64_t K, const float* A, int64_t ars, int64_t aks, const
     for (int v = 0; v < NV; ++v) vst(C + r * ldc + 8 * v, c[r][v]);
 }
 
-template <int NV, bool ACC, bool RS>
-static inline void mk_rows(int64_t mr, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
-                           int64_t ldb, float* C, int64_t ldc, const float* rs) {
+template <int NV, bool ACC, bool RS, int BDT>
+static inline void mk_rows(int64_t mr, int64_t K, const float* A, int64_t ars, int64_t aks, const void* B,
+                           int64_t boff, int64_t ldb, float* C, int64_t ldc, const float* rs) {
   switch (mr) {
-    case 6: mk<6, NV, ACC, RS>(K, A, ars, aks, B, ldb, C, ldc, rs); break;
-    case 5: mk<5, NV, ACC, RS>(K, A, ars, aks, B, ldb, C, ldc, rs); break;
-    case 4: mk<4, NV, ACC, RS>(K, A, ars, aks, B, ldb, C, ldc, rs); break;
-    case 3: mk<3, NV, ACC, RS>(K, A, ars, aks, B, ldb, C, ldc, rs); break;
-    case 2: mk<2, NV, ACC, RS>(K, A, ars, aks, B, ldb, C, ldc, rs); break;
-    default: mk<1, NV, ACC, RS>(K, A, ars, aks, B, ldb, C, ldc, rs); break;
+    case 6: mk<6, NV, ACC, RS, BDT>(K, A, ars, aks, B, boff, ldb, C, ldc, rs); break;
+    case 5: mk<5, NV, ACC, RS, BDT>(K, A, ars, aks, B, boff, ldb, C, ldc, rs); break;
+    case 4: mk<4, NV, ACC, RS, BDT>(K, A, ars, aks, B, boff, ldb, C, ldc, rs); break;
+    case 3: mk<3, NV, ACC, RS, BDT>(K, A, ars, aks, B, boff, ldb, C, ldc, rs); break;
+    case 2: mk<2, NV, ACC, RS, BDT>(K, A, ars, aks, B, boff, ldb, C, ldc, rs); break;
+    default: mk<1, NV, ACC, RS, BDT>(K, A, ars, aks, B, boff, ldb, C, ldc, rs); break;
   }
 }
 
-template <bool ACC, bool RS>
-static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
+template <bool ACC, bool RS, int BDT = DT_F32>
+static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const void* B,
                  int64_t bps, int64_t ldb, float* C, int64_t ldc, const float* rs) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // C = (rs *) C or 0
@@ -140,17 +152,29 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
     return;
   }
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
-    const float* Bp = B + (n0 / 16) * bps;
+    const int64_t boff = (n0 / 16) * bps;
     const bool two = N - n0 >= 16;
     for (int64_t m0 = 0; m0 < M; m0 += 6) {
       int64_t mr = M - m0 < 6 ? M - m0 : 6;
       const float* rsm = RS ? rs + m0 : nullptr;
       if (two)
-        mk_rows<2, ACC, RS>(mr, K, A + m0 * ars, ars, aks, Bp, ldb, C + m0 * ldc + n0, ldc, rsm);
+        mk_rows<2, ACC, RS, BDT>(mr, K, A + m0 * ars, ars, aks, B, boff, ldb, C + m0 * ldc + n0, ldc, rsm);
       else
-        mk_rows<1, ACC, RS>(mr, K, A + m0 * ars, ars, aks, Bp, ldb, C + m0 * ldc + n0, ldc, rsm);
+        mk_rows<1, ACC, RS, BDT>(mr, K, A + m0 * ars, ars, aks, B, boff, ldb, C + m0 * ldc + n0, ldc, rsm);
     }
   }
+}
+
+// gemm with B of run-time dtype dt
+template <bool ACC, bool RS>
+static void gemm_dt(int dt, int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const void* B,
+                    int64_t bps, int64_t ldb, float* C, int64_t ldc, const float* rs) {
+  if (dt == DT_F16)
+    gemm<ACC, RS, DT_F16>(M, N, K, A, ars, aks, B, bps, ldb, C, ldc, rs);
+  else if (dt == DT_BF16)
+    gemm<ACC, RS, DT_BF16>(M, N, K, A, ars, aks, B, bps, ldb, C, ldc, rs);
+  else
+    gemm<ACC, RS, DT_F32>(M, N, K, A, ars, aks, B, bps, ldb, C, ldc, rs);
 }
 
 // S[r, c] = dot(A[r, :K], Bk[c, :K]) for few rows (no packing): A rows lda, Bk rows ldb.
@@ -193,9 +217,10 @@ static void sdot(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   }
 }
 
-// Panels of 16 rows of a float32 row-major matrix (nrows x ncols, row stride rs), transposed:
-// out[p][k][t] = src[16p + t][k], zero for rows >= nrows.
-static void pack_t(float* out, const float* src, int64_t rs, int64_t nrows, int64_t ncols) {
+// Panels of 16 rows of a strided matrix (nrows x ncols; element (r, c) at src[off + r * rs + c * cs],
+// dtype dt), transposed to float32: out[p][c][t] = src(16p + t, c), zero for rows >= nrows.
+static void pack_t(float* out, const void* src, int dt, int64_t off, int64_t rs, int64_t cs, int64_t nrows,
+                   int64_t ncols) {
   const int64_t npan = (nrows + 15) / 16;
   for (int64_t p = 0; p < npan; ++p) {
     float* dst = out + p * ncols * 16;
@@ -205,12 +230,12 @@ static void pack_t(float* out, const float* src, int64_t rs, int64_t nrows, int6
       int64_t k0 = 0;
       for (; k0 + 8 <= ncols; k0 += 8) {
         vf t[8];
-        for (int u = 0; u < 8; ++u) t[u] = u < nr ? vld(src + (r0 + u) * rs + k0) : vzero();
+        for (int u = 0; u < 8; ++u) t[u] = u < nr ? load8(src, dt, off + (r0 + u) * rs + k0 * cs, cs, 8) : vzero();
         vtranspose8(t);
         for (int x = 0; x < 8; ++x) vst(dst + (k0 + x) * 16 + 8 * h, t[x]);
       }
       for (; k0 < ncols; ++k0)
-        for (int u = 0; u < 8; ++u) dst[k0 * 16 + 8 * h + u] = u < nr ? src[(r0 + u) * rs + k0] : 0.f;
+        for (int u = 0; u < 8; ++u) dst[k0 * 16 + 8 * h + u] = u < nr ? at_f(src, dt, off + (r0 + u) * rs + k0 * cs) : 0.f;
     }
   }
 }
@@ -584,28 +609,28 @@ static void fwd_item(const Fwd& F, int64_t it, FwdBuf& w) {
     w.l[r] = 0.f;
     for (int64_t c = 0; c < Dvp; c += 8) vst(w.o + r * Dvp + c, vzero());
   }
-  const bool k_inplace = a.k.dtype == DT_F32 && a.k.s[3] == 1;
-  const bool v_inplace = a.v.dtype == DT_F32 && a.v.s[3] == 1 && Dv % 8 == 0;
+  const bool k_f32 = a.k.dtype == DT_F32 && a.k.s[3] == 1;           // rows usable as they are
+  const bool v_direct = a.v.s[3] == 1 && Dv % 8 == 0;                 // B operand read in place
   for (int64_t kb = 0; kb < P.nk; ++kb) {
     const int kind = tile_kind(P, b, n2, qb, kb);
     if (kind == T_EMPTY) continue;
     const int64_t j0 = kb * P.bk, nc = std::min(P.bk, a.Skv - j0), ncp = rup(nc, 16);
     // S = Q K^T
-    const float* kr;
-    int64_t krs;
     const int64_t koff = b * a.k.s[0] + n2 * a.k.s[1] + j0 * a.k.s[2];
-    if (k_inplace) {
-      kr = static_cast<const float*>(a.k.p) + koff;
-      krs = a.k.s[2];
-    } else {
-      for (int64_t c = 0; c < nc; ++c) load_row(w.kr + c * Dp, a.k.p, a.k.dtype, koff + c * a.k.s[2], a.k.s[3], D, Dp);
-      kr = w.kr;
-      krs = Dp;
-    }
-    if (M <= kSmallM) {
+    if (M <= kSmallM) {  // dot products against float32 key rows
+      const float* kr;
+      int64_t krs;
+      if (k_f32) {
+        kr = static_cast<const float*>(a.k.p) + koff;
+        krs = a.k.s[2];
+      } else {
+        for (int64_t c = 0; c < nc; ++c) load_row(w.kr + c * Dp, a.k.p, a.k.dtype, koff + c * a.k.s[2], a.k.s[3], D, Dp);
+        kr = w.kr;
+        krs = Dp;
+      }
       sdot(M, nc, D, w.q, Dp, kr, krs, w.s, bkp);
-    } else {
-      pack_t(w.kt, kr, krs, nc, D);
+    } else {  // packed K^T panels, converted from the keys' storage as they are packed
+      pack_t(w.kt, a.k.p, a.k.dtype, koff, a.k.s[2], a.k.s[3], nc, D);
       gemm<false, false>(M, ncp, D, w.q, Dp, 1, w.kt, D * 16, 16, w.s, bkp, nullptr);
     }
     // Online softmax per row.
@@ -634,19 +659,15 @@ static void fwd_item(const Fwd& F, int64_t it, FwdBuf& w) {
         for (int64_t c = 0; c < ncp; c += 8) vst(srow + c, vmul(vld(srow + c), vand(one, keep_mask8(w.keep + c))));
       }
     }
-    // O = alpha * O + P V
-    const float* vr;
-    int64_t vrs;
+    // O = alpha * O + P V (V rows read in place in their own dtype where the layout allows)
     const int64_t voff = b * a.v.s[0] + n2 * a.v.s[1] + j0 * a.v.s[2];
-    if (v_inplace) {
-      vr = static_cast<const float*>(a.v.p) + voff;
-      vrs = a.v.s[2];
+    if (v_direct) {
+      gemm_dt<true, true>(a.v.dtype, M, Dvp, nc, w.s, bkp, 1, eptr(a.v.p, a.v.dtype, voff), 16, a.v.s[2], w.o, Dvp,
+                          w.alpha);
     } else {
       for (int64_t c = 0; c < nc; ++c) load_row(w.vr + c * Dvp, a.v.p, a.v.dtype, voff + c * a.v.s[2], a.v.s[3], Dv, Dvp);
-      vr = w.vr;
-      vrs = Dvp;
+      gemm<true, true>(M, Dvp, nc, w.s, bkp, 1, w.vr, 16, Dvp, w.o, Dvp, w.alpha);
     }
-    gemm<true, true>(M, Dvp, nc, w.s, bkp, 1, vr, 16, vrs, w.o, Dvp, w.alpha);
   }
   // Finalise rows (SPEC 3 and 5: sink, invalid rows, dropout scale).
   const float inv_kp = a.drop != DROP_NONE ? 1.0f / a.keep_prob : 1.0f;
@@ -815,8 +836,11 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
   const Plan& P = F.plan;
   const int64_t n2 = it % a.N2, b = it / a.N2;
   const int64_t Dp = a.Dp, Dvp = a.Dvp, bkp = F.bkp, D = a.D, Dv = a.Dv, G = a.G;
-  const bool k_inplace = a.k.dtype == DT_F32 && a.k.s[3] == 1 && D % 8 == 0;
-  const bool v_inplace = a.v.dtype == DT_F32 && a.v.s[3] == 1;
+  // Every tile has at most kSmallM rows: S and dP by dot products (float32 rows), no packing.
+  const bool small = G * std::min(P.bq, a.Sq) <= kSmallM;
+  // K rows as the B operand of dQ += dS K, read in place (in their dtype) where the layout allows.
+  const bool k_direct = a.k.s[3] == 1 && D % 8 == 0 && (!small || a.k.dtype == DT_F32);
+  const bool v_f32 = a.v.dtype == DT_F32 && a.v.s[3] == 1;
   const bool drop = a.drop != DROP_NONE;
   const float zf = drop ? 1.0f / a.keep_prob : 1.0f;
   const vf vzf = vset1(zf), vsc = vset1(a.scale);
@@ -831,33 +855,37 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       std::memset(dvout, 0, sizeof(float) * nc * Dvp);
       continue;
     }
-    const float* kr;
-    int64_t krs;
     const int64_t koff = b * a.k.s[0] + n2 * a.k.s[1] + j0 * a.k.s[2];
-    if (k_inplace) {
-      kr = static_cast<const float*>(a.k.p) + koff;
-      krs = a.k.s[2];
+    const void* kB;  // K rows [nc, D]: B operand of dQ (dtype kdt, row stride kld)
+    int kdt;
+    int64_t kld;
+    if (k_direct) {
+      kB = eptr(a.k.p, a.k.dtype, koff);
+      kdt = a.k.dtype;
+      kld = a.k.s[2];
     } else {
       for (int64_t c = 0; c < nc; ++c) load_row(w.kr + c * Dp, a.k.p, a.k.dtype, koff + c * a.k.s[2], a.k.s[3], D, Dp);
-      kr = w.kr;
-      krs = Dp;
+      kB = w.kr;
+      kdt = DT_F32;
+      kld = Dp;
     }
-    const float* vr;
-    int64_t vrs;
     const int64_t voff = b * a.v.s[0] + n2 * a.v.s[1] + j0 * a.v.s[2];
-    float* vbuf = w.vr;
-    if (v_inplace) {
-      vr = static_cast<const float*>(a.v.p) + voff;
-      vrs = a.v.s[2];
-    } else {
-      for (int64_t c = 0; c < nc; ++c) load_row(vbuf + c * Dvp, a.v.p, a.v.dtype, voff + c * a.v.s[2], a.v.s[3], Dv, Dvp);
-      vr = vbuf;
-      vrs = Dvp;
+    const float* vr = nullptr;  // float32 V rows for the dot products of small tiles
+    int64_t vrs = 0;
+    if (small) {
+      if (v_f32) {
+        vr = static_cast<const float*>(a.v.p) + voff;
+        vrs = a.v.s[2];
+      } else {
+        for (int64_t c = 0; c < nc; ++c) load_row(w.vr + c * Dvp, a.v.p, a.v.dtype, voff + c * a.v.s[2], a.v.s[3], Dv, Dvp);
+        vr = w.vr;
+        vrs = Dvp;
+      }
+    } else {  // packed K^T and V^T panels, converted from the operands' storage
+      pack_t(w.kt, a.k.p, a.k.dtype, koff, a.k.s[2], a.k.s[3], nc, D);
+      pack_t(w.vt, a.v.p, a.v.dtype, voff, a.v.s[2], a.v.s[3], nc, Dv);
     }
-    if (G * std::min(P.bq, a.Sq) > kSmallM) {  // packed operands of the S and dP products
-      pack_t(w.kt, kr, krs, nc, D);
-      pack_t(w.vt, vr, vrs, nc, Dv);
-    }
+    const float* kr32 = static_cast<const float*>(kB);  // (small tiles: float32 rows, see k_direct)
     // dK / dV of this key block accumulate in place in the (padded, float32) outputs; the first
     // query block that takes part writes them (any was checked above: there is one).
     float* dka = dkout;
@@ -873,8 +901,8 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
         load_row(w.dy + r * Dvp, a.dy.p, a.dy.dtype, b * a.dy.s[0] + n1 * a.dy.s[1] + i * a.dy.s[2], a.dy.s[3], Dv, Dvp);
       }
       // P = exp(L - max) / sum
-      if (M <= kSmallM)
-        sdot(M, nc, D, w.q, Dp, kr, krs, w.s, bkp);
+      if (small)
+        sdot(M, nc, D, w.q, Dp, kr32, kld, w.s, bkp);
       else
         gemm<false, false>(M, ncp, D, w.q, Dp, 1, w.kt, D * 16, 16, w.s, bkp, nullptr);
       for (int64_t r = 0; r < M; ++r) {
@@ -906,7 +934,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       else
         gemm<true, false>(nc, Dvp, M, pd, 1, bkp, w.dy, 16, Dvp, dva, Dvp, nullptr);
       // dP = dY V^T
-      if (M <= kSmallM)
+      if (small)
         sdot(M, nc, Dv, w.dy, Dvp, vr, vrs, w.dp, bkp);
       else
         gemm<false, false>(M, ncp, Dv, w.dy, Dvp, 1, w.vt, Dv * 16, 16, w.dp, bkp, nullptr);
@@ -933,7 +961,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t n1 = n2 * G + g;
         float* dqrow = a.dq + ((b * a.N1 + n1) * a.Sq + i0) * Dp;
-        gemm<true, false>(nr, Dp, nc, w.dp + g * nr * bkp, bkp, 1, kr, 16, krs, dqrow, Dp, nullptr);
+        gemm_dt<true, false>(kdt, nr, Dp, nc, w.dp + g * nr * bkp, bkp, 1, kB, 16, kld, dqrow, Dp, nullptr);
       }
       // dK += dS^T Q
       if (first)
