@@ -462,7 +462,7 @@ static void keep_row(const Args& a, int64_t b, int64_t n1, int64_t i, int64_t j0
 // BWD: store P = exp(L - m) * il instead, exactly 0 where (i, j) does not take part and on the
 // padding (as the reference's where(allowed, ..., 0)), and return 0.
 template <bool BWD>
-static float logits_row(const Args& a, float* srow, int64_t b, int64_t n1, int64_t i, int64_t j0, int64_t nc,
+static inline __attribute__((always_inline)) float logits_row(const Args& a, float* srow, int64_t b, int64_t n1, int64_t i, int64_t j0, int64_t nc,
                         int64_t ncp, bool partial, float* bias, float m = 0.f, float il = 0.f) {
   const bool hasb = a.pse_kind != PSE_NONE;
   if (hasb) bias_row(a, b, n1, i, j0, nc, ncp, bias);

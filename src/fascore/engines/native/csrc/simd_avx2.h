@@ -76,10 +76,14 @@ static inline vf vabs_iota(int64_t base) {
 // exp(x) in float32 (Cody-Waite reduction, degree-6 polynomial, ~1 ulp); exp(-inf) = 0,
 // exp(+inf) = inf, exp(NaN) = NaN.
 static inline vf vexp(vf x) {
-  const vf hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // operand order: a NaN x passes through (exp(NaN) = NaN)
-  vf fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
+  // Clamp (operand order: a NaN x passes through, exp(NaN) = NaN). Below -88 the result is 0:
+  // n = -127 there, whose exponent field is 0 (so exp(-inf) = 0 exactly); from 88.376 (n = 128) inf.
+  const vf hi = _mm256_set1_ps(88.7228390520683f), lo = _mm256_set1_ps(-88.0f);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: t's low mantissa bits hold n (-127 <= n <= 128)
+  const vf magic = _mm256_set1_ps(12582912.0f);
+  vf t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  vf fx = _mm256_sub_ps(t, magic);
   vf r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
   vf y = _mm256_set1_ps(1.9875691500E-4f);
@@ -90,8 +94,8 @@ static inline vf vexp(vf x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
   vf r2 = _mm256_mul_ps(r, r);
   y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  vi n = _mm256_cvtps_epi32(fx);
-  vi e = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  // 2^n: (bits(t) - bits(magic) + 127) << 23
+  vi e = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
