@@ -111,7 +111,8 @@ def extension(verbose: bool = False) -> "Extension | None":
             try:
                 _ext = _compile(build_key(True), verbose, True)
             except Exception as exc:  # no OpenMP here: build the serial variant
-                if "fopenmp" not in str(exc) and "omp" not in str(exc):
+                text = str(exc).lower()
+                if not any(w in text for w in ("fopenmp", "omp.h", "gomp", "libomp")):
                     raise
                 _ext = _compile(build_key(False), verbose, False)
                 warnings.warn("fascore: native CPU engine built without OpenMP: it runs on one thread",
