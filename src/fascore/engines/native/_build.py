@@ -70,6 +70,7 @@ class Extension:
         self.set_isa = ops.set_isa
         self.scratch_bytes = ops.scratch_bytes
         self.num_threads = ops.num_threads
+        self.set_min_work = ops.set_min_work
 
 
 def _load_built(name: str, path: Path) -> Extension:

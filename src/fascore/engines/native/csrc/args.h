@@ -87,6 +87,7 @@ struct Args {
 
   ParallelFn parallel = nullptr;
   int64_t nthreads = 1;
+  double min_macs = 16.0e6;  // start one more thread per this many multiply-adds (0: all threads)
 };
 
 }  // namespace fascore_native

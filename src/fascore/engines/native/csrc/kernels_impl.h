@@ -533,13 +533,28 @@ static inline vf keep_mask8(const uint8_t* keep) { return vbytes_nonzero(keep); 
 // ------------------------------------------------------------------------------------------
 static std::atomic<int> g_alloc_failed{0};
 
-// Bump allocator over one malloc per thread. With base == nullptr it only measures.
+// Per-thread scratch kept between calls (grow only): no allocation, no page faults per call.
+// Every buffer is fully written before it is read within a work item, so reuse cannot change results.
+struct ThreadScratch {
+  char* p = nullptr;
+  size_t cap = 0;
+  ~ThreadScratch() { std::free(p); }
+};
+static thread_local ThreadScratch t_scratch;
+
+// Bump allocator over the thread's scratch. With base == nullptr it only measures.
 struct Arena {
   char* base = nullptr;
   size_t used = 0;
   bool init(size_t bytes) {
     used = 0;
-    base = static_cast<char*>(std::malloc(bytes + 64));
+    bytes += 64;
+    if (t_scratch.cap < bytes) {
+      std::free(t_scratch.p);
+      t_scratch.p = static_cast<char*>(std::malloc(bytes));
+      t_scratch.cap = t_scratch.p ? bytes : 0;
+    }
+    base = t_scratch.p;
     if (!base) g_alloc_failed.store(1);
     return base != nullptr;
   }
@@ -549,8 +564,23 @@ struct Arena {
     used = off + (size_t)n * sizeof(T) + 64;
     return base ? reinterpret_cast<T*>(base + off) : nullptr;
   }
-  ~Arena() { std::free(base); }
 };
+
+// Threads worth starting for `macs` multiply-adds: small problems run on one thread (a fork/join
+// costs more than it saves, and far more when the other cores are busy). Any count gives the
+// same bits.
+static int64_t threads_for(const Args& a, double macs, int64_t items) {
+  int64_t t = a.min_macs > 0 ? (int64_t)(macs / a.min_macs) : a.nthreads;
+  return std::max<int64_t>(1, std::min(std::min(a.nthreads, items), t));
+}
+
+// A pass over n independent items split into ranges by at::parallel_for, or one range when small.
+static void run_static(const Args& a, double work, int64_t n, void* ctx, BodyFn body) {
+  if (threads_for(a, work, n) > 1)
+    a.parallel(n, ctx, body);
+  else
+    body(ctx, 0, n);
+}
 
 struct Work {
   std::atomic<int64_t> next{0};
@@ -730,7 +760,8 @@ static uint8_t* make_exsum(const Args& a, int64_t bq, int64_t bk, int64_t nq, in
     return nullptr;
   }
   ExSum e{&a, bq, bk, nq, nk, out};
-  a.parallel(a.Bm * a.Nm * nq, &e, exsum_body);
+  const double work = 4.0 * (double)a.Bm * a.Nm * a.Sq * a.Skv;
+  run_static(a, work, a.Bm * a.Nm * nq, &e, exsum_body);
   return out;
 }
 
@@ -749,7 +780,8 @@ int forward(const Args& a) {
   if (a.ex && F.plan.nq && F.plan.nk && !ex) return 1;
   F.plan.exsum = ex;
   F.work.n = a.B * a.N2 * F.plan.nq;
-  if (F.work.n > 0) a.parallel(std::min<int64_t>(a.nthreads, F.work.n), &F, fwd_body);
+  const double macs = (double)a.B * a.N1 * a.Sq * a.Skv * (a.D + a.Dv);
+  if (F.work.n > 0) a.parallel(threads_for(a, macs, F.work.n), &F, fwd_body);
   std::free(ex);
   return g_alloc_failed.load();
 }
@@ -993,7 +1025,8 @@ static void bwd_body(void* ctx, int64_t begin, int64_t end) {
 int backward(const Args& a) {
   g_alloc_failed.store(0);
   RowPass rp{&a};
-  if (a.B * a.N1 > 0) a.parallel(a.B * a.N1, &rp, rows_body);
+  const double row_work = 64.0 * (double)a.B * a.N1 * a.Sq * a.Dv;  // as macs: it is memory bound
+  if (a.B * a.N1 > 0) run_static(a, row_work, a.B * a.N1, &rp, rows_body);
   if (g_alloc_failed.load()) return 1;
   Bwd F;
   F.a = &a;
@@ -1007,7 +1040,8 @@ int backward(const Args& a) {
   if (a.ex && F.plan.nq && F.plan.nk && !ex) return 1;
   F.plan.exsum = ex;
   F.work.n = a.B * a.N2;
-  if (F.work.n > 0 && F.plan.nk > 0) a.parallel(std::min<int64_t>(a.nthreads, F.work.n), &F, bwd_body);
+  const double macs = 2.5 * (double)a.B * a.N1 * a.Sq * a.Skv * (a.D + a.Dv);
+  if (F.work.n > 0 && F.plan.nk > 0) a.parallel(threads_for(a, macs, F.work.n), &F, bwd_body);
   std::free(ex);
   return g_alloc_failed.load();
 }

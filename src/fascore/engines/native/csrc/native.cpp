@@ -37,6 +37,7 @@ using OptT = std::optional<at::Tensor>;
 namespace {
 
 int g_isa = -1;  // 0 generic, 1 avx2; decided from the CPU on first use
+double g_min_macs = 16.0e6;  // work per extra thread (multiply-adds); 0 starts every thread
 
 int isa() {
   if (g_isa < 0) g_isa = fascore_native::avx2::supported() ? 1 : 0;
@@ -169,6 +170,7 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   a.bk = std::max<int64_t>(1, ip[16]);
   a.parallel = run_parallel;
   a.nthreads = std::max<int64_t>(1, at::get_num_threads());
+  a.min_macs = g_min_macs;
   return a;
 }
 
@@ -315,6 +317,13 @@ int64_t scratch_bytes(int64_t G, int64_t bq, int64_t bk, int64_t D, int64_t Dv, 
 
 int64_t num_threads() { return at::get_num_threads(); }
 
+// Work (multiply-adds) per thread below which fewer threads start; 0: always all (tests).
+double set_min_work(double macs) {
+  const double old = g_min_macs;
+  g_min_macs = macs < 0 ? 0 : macs;
+  return old;
+}
+
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? ex, Tensor? pse, Tensor? slopes, Tensor? sink, "
         "Tensor? bits, Tensor? prefix, Tensor? dbase, int[] ip, float[] fp) -> Tensor[]",
@@ -327,4 +336,5 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa(str name) -> ()", &set_isa);
   m.def("scratch_bytes(int G, int bq, int bk, int D, int Dv, bool bwd) -> int", &scratch_bytes);
   m.def("num_threads() -> int", &num_threads);
+  m.def("set_min_work(float macs) -> float", &set_min_work);
 }
