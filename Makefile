@@ -16,7 +16,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/python -m fascore.demo
+	$(BIN)/python -m fascore.tools.demo
 
 bench: install
 	$(BIN)/python benchmarks/bench.py --out bench_out

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import fascore
-from fascore import kernels
-from fascore.bench import _step
+from fascore.api import memory
+from fascore.engines.flash import config as kernels
+from fascore.tools.bench import _step
 
 COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 
@@ -198,7 +199,7 @@ peak=hwm()
 print(json.dumps(dict(peak_kib=peak, before_kib=base)))
 """
     need = 4 * s * s * 3
-    if impl == "naive" and need > 0.8 * fascore.api.available_memory(torch.device("cpu")):
+    if impl == "naive" and need > 0.8 * memory.available_memory(torch.device("cpu")):
         return dict(status=f"cannot run: needs ~{need / 2**30:.0f} GiB for the {s}x{s} scores")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:

@@ -9,8 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 import fascore
-from fascore import bench, check, reference
-from fascore.cli import app
+from fascore.engines import reference
+from fascore.tools import bench, check
+from fascore.tools.cli import app
 
 runner = CliRunner()
 
@@ -35,24 +36,22 @@ def test_check_quick_passes():
     assert "FAIL" not in r.output
 
 
-class _Broken:
+class _Broken(reference.ReferenceEngine):
     """The reference with a wrong output: the check must notice."""
 
-    @staticmethod
-    def forward(seg, prob):
+    name = "_broken_for_test"
+
+    def forward(self, seg, prob):
         o, m, l = reference.forward(seg, prob)
         return o + 1e-2, m, l
 
-    backward = staticmethod(reference.backward)
-    workspace_bytes = staticmethod(reference.workspace_bytes)
-
 
 def test_check_fails_with_exit_code_1_on_a_broken_engine():
-    fascore.register_engine("_broken_for_test", _Broken())
+    fascore.register_engine(_Broken())
     try:
         r = invoke("check", "--quick", "--engine", "_broken_for_test", "--limit", "3")
     finally:
-        fascore.engine._ENGINES.pop("_broken_for_test", None)
+        fascore.unregister_engine("_broken_for_test")
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and "attention_out" in r.output
 
@@ -72,7 +71,7 @@ def test_full_case_list_is_valid_and_covers_everything():
     for f in ["layout " + x for x in ("BSH", "SBH", "BSND", "BNSD", "TND")] + \
              [f"sparse_mode {m}" for m in range(9)] + [f"pse_type {t}" for t in range(4)]:
         assert f in feats
-    from fascore.validation import build_problem
+    from fascore.spec import build_problem
     for s in specs:
         kw = check.make_inputs(s)
         kw = check._place(s, kw, s.dtype, torch.device("cpu"))
@@ -124,7 +123,7 @@ def test_bench_plots_have_labelled_axes_and_one_line_per_implementation(tmp_path
 # ----------------------------------------------------------------------------------------------
 def test_demo_command(monkeypatch):
     """``fascore demo`` on the demo's own cases, shortened to 128 tokens to keep the test fast."""
-    from fascore import demo
+    from fascore.tools import demo
 
     full = demo.cases()
 

@@ -508,7 +508,7 @@ def test_compare_command_exit_codes_and_json(tmp_path):
 def test_cli_compare(tmp_path):
     from typer.testing import CliRunner
 
-    from fascore.cli import app
+    from fascore.tools.cli import app
 
     write_msprobe_dump(tmp_path / "bad", [_ms_call(0, corrupt="head1")])
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "bad"), "--out", str(tmp_path / "png"), "--block",

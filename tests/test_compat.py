@@ -120,7 +120,7 @@ def script_results(tmp_path_factory):
     d = tmp_path_factory.mktemp("npu")
     script, out = d / "train_attention.py", d / "out.pt"
     script.write_text(NPU_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "fascore.cli", "run", str(script), str(out)],
+    r = subprocess.run([sys.executable, "-m", "fascore.tools.cli", "run", str(script), str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return torch.load(out)

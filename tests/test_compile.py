@@ -9,7 +9,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fascore
-from fascore import ops
+from fascore.api import ops
 
 CAUSAL = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 

@@ -150,7 +150,7 @@ def test_generator_manual_seed_and_offsets():
 
 
 def test_generator_state_and_devices():
-    from fascore import generator
+    from fascore.rng import generator
     fascore.manual_seed(11)
     g = generator.default_generator("cpu")
     assert g.philox_engine_inputs(10) == (11, 0) and g.philox_engine_inputs(1) == (11, 12)

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fascore
-from fascore import kernels
+from fascore.engines.flash import config as kernels
 from conftest import assert_spec7, assert_within_rule, gen, make_qkv, oracle_grads, randn
 from oracle import FLT_MAX, attention_oracle, compressed_causal_mask, compressed_prefix_mask, pack_bits
 
@@ -308,7 +308,7 @@ def test_mode6_prefix_compressed(sq, skv, prefix_kind):
 @pytest.fixture
 def band_hits(monkeypatch):
     """Counts the segments that go through the band path (so the tests know they reach it)."""
-    band = pytest.importorskip("fascore.band")
+    from fascore.engines.flash import band
     hits = []
     real = band.window
 

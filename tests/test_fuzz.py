@@ -34,7 +34,7 @@ import fascore
 from fascore import FlashAttentionError, aclnn
 
 try:  # run-time knobs of the flash engine (tile sizes, fused backward); optional
-    from fascore import kernels as _kernels
+    from fascore.engines.flash import config as _kernels
     _KCONFIG = getattr(_kernels, "config", None)
 except Exception:  # pragma: no cover
     _KCONFIG = None

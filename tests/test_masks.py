@@ -1,5 +1,5 @@
-"""Property tests for the mask logic (``fascore.masks``, ``kernels.rectangles``) and the layout
-helpers (``fascore.layouts``).
+"""Property tests for the mask logic (``fascore.canonical.masks``, ``fascore.plan``) and the layout
+helpers (``fascore.canonical.layouts``).
 
 The dense truth is written here, independently, from the formula in masks.py's module docstring:
 
@@ -17,9 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fascore import kernels
-from fascore.layouts import LAYOUTS, Batch, from_bnsd, tnd_batches, tnd_rows, tnd_stats_view, to_bnsd
-from fascore.masks import EMPTY, FULL, PARTIAL, UNBOUNDED, MaskSpec, plan_blocks
+from fascore.plan import rectangles
+from fascore.canonical.layouts import LAYOUTS, Batch, from_bnsd, tnd_batches, tnd_rows, tnd_stats_view, to_bnsd
+from fascore.canonical.masks import UNBOUNDED, MaskSpec
+from fascore.plan import EMPTY, FULL, PARTIAL, plan_blocks
 
 CPU = torch.device("cpu")
 PROPS = settings(derandomize=True, max_examples=120, deadline=None)
@@ -232,13 +233,13 @@ def test_plan_blocks_exact_when_explicit_decides(case, tiles):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels.rectangles (the fused backward's cover)
+# fascore.plan.rectangles (the fused backward's cover)
 # ----------------------------------------------------------------------------------------------
 def _check_rectangles(mask: MaskSpec, b: int, n: int, bq: int, bk: int) -> None:
     want = truth(mask, b, n)
     allowed_any = want.any(1).any(0)  # [sq, skv]: takes part for some (b, n)
     count = torch.zeros(mask.sq, mask.skv, dtype=torch.int64)
-    rects = list(kernels.rectangles(mask, bq, bk))
+    rects = list(rectangles(mask, bq, bk))
     for i0, i1, j0, j1, how in rects:
         assert how in ("full", "causal", "masked"), how
         assert 0 <= i0 < i1 <= mask.sq and 0 <= j0 < j1 <= mask.skv, (i0, i1, j0, j1, how)
@@ -279,7 +280,7 @@ def test_rectangles_analytic_bands(sq, skv, lo, hi, tiles, prefix):
 def test_rectangles_causal_modes(sq, skv, hi_shift):
     """Modes 2/3 (j - i <= hi only) go through the analytic shortcut: at most two rectangles."""
     mask = MaskSpec(sq, skv, hi=hi_shift)
-    rects = list(kernels.rectangles(mask, 16, 16))
+    rects = list(rectangles(mask, 16, 16))
     assert len(rects) <= 2
     _check_rectangles(mask, 1, 1, 16, 16)
 

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), rea
 
 _PROBE = textwrap.dedent("""
     import ctypes, gc, json, sys, torch, fascore
-    from fascore import api, validation
+    from fascore.api import memory
+    from fascore.engines import select
+    from fascore.spec import build_problem
     torch.set_num_threads(1)
     spec = json.loads(sys.argv[1])
     dtype = getattr(torch, spec.get("dtype", "float32"))
@@ -35,7 +37,8 @@ _PROBE = textwrap.dedent("""
     if kw.pop("causal", False):
         kw["atten_mask"] = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
     n, lay, backward = spec["n"], spec["layout"], spec["pass"] == "bwd"
-    estimate = api.check_memory(validation.build_problem(q, k, v, n, lay, **kw), backward)
+    prob = build_problem(q, k, v, n, lay, **kw)
+    estimate = memory.check_memory(prob, backward, select(prob, backward))
     out, smax, ssum = fascore.npu_fusion_attention_v2(q, k, v, n, lay, **kw)[:3]
     dy = torch.randn(out.shape, generator=g).to(dtype)
     gkw = {("scale_value" if a == "scale" else a): b for a, b in kw.items()}

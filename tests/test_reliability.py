@@ -29,7 +29,7 @@ I32MAX = 2**31 - 1
 MiB, GiB = 2**20, 2**30
 CAUSAL = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 try:
-    from fascore import kernels as _kernels
+    from fascore.engines.flash import config as _kernels
     KCONFIG = getattr(_kernels, "config", {})
 except Exception:  # pragma: no cover
     KCONFIG = {}
@@ -124,10 +124,10 @@ def test_memory_guard_aclnn_returns_status():
 
 def test_memory_guard_uses_available_memory(monkeypatch):
     """The guard compares the estimate with what the device has left (patched here to 1 MiB)."""
-    from fascore import api
+    from fascore.api import memory
     q = rnd((1, 64, 4 * 16), 0)
     fascore.npu_fusion_attention(q, q, q, 4, "BSH")  # fits
-    monkeypatch.setattr(api, "available_memory", lambda device: 1 * MiB)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 * MiB)
     with pytest.raises(FlashAttentionError) as ei:
         fascore.npu_fusion_attention(rnd((1, 512, 4 * 64), 0), rnd((1, 512, 4 * 64), 1), rnd((1, 512, 4 * 64), 2),
                                      4, "BSH")
@@ -136,8 +136,8 @@ def test_memory_guard_uses_available_memory(monkeypatch):
 
 
 def test_available_memory_is_positive():
-    from fascore import api
-    assert api.available_memory(torch.device("cpu")) > 0
+    from fascore.api import memory
+    assert memory.available_memory(torch.device("cpu")) > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[1]))
     sys.path.insert(0, sys.argv[2])
     import test_reliability as t
-    from fascore import dropout
+    from fascore.canonical import dropout
     out = {name: t.digest(t.run_config(name)) for name in sorted(t._configs())}
     d = dropout.Dropout(0.7, (0, 5008), 33, 48, seed=2**40 + 7, offset=12)
     out["philox bits"] = t.digest([d.keep(4, 0, 33, 0, 47, torch.device("cpu"))])
@@ -573,7 +573,7 @@ def test_cuda_memory_guard():
 
 
 # ----------------------------------------------------------------------------------------------
-# Regressions for bugs the fuzzer found (fixed in flash.py, dropout.py, reference.py)
+# Regressions for bugs the fuzzer found (fixed in the flash engine, dropout, the reference)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("style", ["strided", "expanded", "permuted"])
 def test_gradients_of_non_unit_stride_inputs(style):
@@ -600,7 +600,7 @@ def test_gradients_of_non_unit_stride_inputs(style):
 def test_generated_dropout_bits_near_the_top_of_offset(offset):
     sys.path.insert(0, os.path.dirname(__file__))
     from oracle import ascend_keep_bits
-    from fascore.dropout import Dropout
+    from fascore.canonical.dropout import Dropout
 
     got = Dropout(0.5, (0,), 4, 16, seed=123, offset=offset).keep(1, 0, 4, 0, 16, torch.device("cpu")).reshape(-1)
     assert torch.equal(got, ascend_keep_bits(123, offset, 0.5, [(4, 16)], 1))

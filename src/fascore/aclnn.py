@@ -1,4 +1,4 @@
-"""A Python mirror of the two-stage aclnn C API (SPEC §1.4).
+"""A Python mirror of the two-stage aclnn C API (semantics §1.4).
 
 ``...GetWorkspaceSize`` validates and returns ``(status, workspace_size, executor)``; the second
 stage runs the executor once and writes the caller's output tensors in place. Errors come back as
@@ -13,12 +13,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .api import _check_grad_inputs, check_memory, run_backward, run_forward
-from .engine import get_engine
+from .api.memory import check_memory
+from .api.run import run_backward, run_forward
+from .engines import select
 from .errors import (ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, ACLNN_ERR_RUNTIME_ERROR, ACLNN_SUCCESS,
                      FlashAttentionError, invalid, nullptr)
-from .problem import Problem
-from .validation import Names, build_problem
+from .canonical.problem import Problem
+from .params import Names
+from .spec import build_problem, check_grad_inputs
 
 __all__ = [
     "aclnnFlashAttentionScoreV2GetWorkspaceSize", "aclnnFlashAttentionScoreV2",
@@ -92,16 +94,12 @@ def _overlaps(t: Tensor) -> bool:
     return check is not None and check(t) == 1  # MemOverlap::Yes
 
 
-def _workspace(prob: Problem, backward: bool) -> int:
-    engine = get_engine()
-    return max((int(engine.workspace_bytes(s, prob, backward)) for s in prob.segments), default=0)
-
-
 def _prepare(build: Callable[[], tuple[Problem, Callable[[], None]]], backward: bool) -> tuple[int, int, Executor | None]:
     try:
         prob, run = build()
-        check_memory(prob, backward)
-        size = _workspace(prob, backward)
+        engine = select(prob, backward)
+        check_memory(prob, backward, engine)
+        size = max((int(engine.workspace_bytes(s, prob, backward)) for s in prob.segments), default=0)
     except FlashAttentionError as e:
         return _fail(e), 0, None
     except Exception as e:  # never raise: an unforeseen failure is a runtime error with its text
@@ -203,7 +201,7 @@ def aclnnFlashAttentionScoreGradV2GetWorkspaceSize(
                         attenMaskOptional, prefixOptional, qStartIdxOptional, kvStartIdxOptional, scaleValue,
                         keepProb, preTokens, nextTokens, headNum, inputLayout, innerPrecise, sparseMode, pseType,
                         _GRAD_NAMES)
-        _check_grad_inputs(prob, dy, attentionInOptional, softmaxMaxOptional, softmaxSumOptional, _GRAD_NAMES)
+        check_grad_inputs(prob, dy, attentionInOptional, softmaxMaxOptional, softmaxSumOptional, _GRAD_NAMES)
         q, k, v = prob.inputs
         dq = _check_out(dqOut, "dqOut", tuple(q.shape), q.dtype, prob.device)
         dk = _check_out(dkOut, "dkOut", tuple(k.shape), k.dtype, prob.device)

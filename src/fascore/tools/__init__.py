@@ -1,1 +1,3 @@
-"""fascore user tools: capture (replay bundles) and compare (NPU runs against the exact reference)."""
+"""Around the operator: the ``fascore`` command line (``cli``), conformance (``check``),
+benchmarks (``bench``), the demo (``demo``), recording runs (``capture``) and comparing an NPU
+run with the reference (``compare``)."""

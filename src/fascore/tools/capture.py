@@ -51,6 +51,8 @@ from torch import Tensor
 
 import fascore
 
+__all__ = ["capture", "Capture", "load_bundle", "is_bundle", "FORWARD_APIS"]
+
 FORMAT = "fascore-replay-bundle"
 VERSION = 1
 INDEX = "fascore_bundle.json"
@@ -58,7 +60,7 @@ TENSOR_DIR = "tensors"
 ENTRY_POINTS = ("npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_v3",
                 "npu_fusion_attention_grad", "npu_fusion_attention_grad_v2", "npu_fusion_attention_grad_v3")
 FORWARD_APIS = ("npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_v3")
-# inputs a forward call is differentiable in (SPEC 1): their gradients are recorded by name
+# inputs a forward call is differentiable in (semantics §1): their gradients are recorded by name
 DIFFERENTIABLE = ("query", "key", "value", "pse", "sink", "query_rope", "key_rope")
 _MARK = "__fascore_capture__"
 

@@ -17,8 +17,8 @@ Input (a directory):
 
 For every call the recorded inputs are replayed through fascore three times: the dense reference
 in float64 (``ref64``, the exact answer), the dense reference in the input dtype (``ref_same``,
-which SPEC 7's bound is made from) and the default (or chosen) engine on the chosen device (a
-baseline: what an exact implementation reaches). The recorded outputs are checked under SPEC 7:
+which semantics §7's bound is made from) and the default (or chosen) engine on the chosen device (a
+baseline: what an exact implementation reaches). The recorded outputs are checked under semantics §7:
 
 - softmax_max: |x - ref64| <= 1e-5 * max(1, |ref64|); softmax_sum: |x - ref64| <= 1e-4 * ref64,
   per element; invalid-row sentinels (-FLT_MAX / +FLT_MAX) exact;
@@ -36,7 +36,7 @@ commonest NPU bug) or ``skipped`` (the record lacks data). For calls out of boun
 tries the usual culprits: logits rounded to bf16/fp16 before the softmax (softmax_max equals the
 rounded exact max), and a wrong sparse_mode, an inverted or ignored atten_mask, a missing scale or
 dropout (the output matches the reference of the altered call). Calls with a generated dropout
-mask are replayed with SPEC 5's Philox model from the recorded seed/offset and flagged
+mask are replayed with semantics §5's Philox model from the recorded seed/offset and flagged
 ``bits assumed``. Heatmaps (PNG) of |error| by head x row block go to ``out_dir``.
 """
 from __future__ import annotations
@@ -55,10 +55,12 @@ from torch import Tensor
 
 import fascore
 
+from ..limits import FLT_MAX
 from .capture import FORWARD_APIS, Missing, TensorFile, dtype_from_name, find_missing, is_bundle, load_bundle, \
     materialize
 
-FLT_MAX = 3.4028234663852886e38
+__all__ = ["compare", "compare_command", "Report", "CallReport", "TensorReport", "Options", "print_report", "heatmap"]
+
 EPS = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 1e-12}
 WITHIN, OUT, INVALID, SKIPPED = "within bounds", "out of bounds", "inputs invalid", "skipped"
 GRAD_APIS = ("npu_fusion_attention_grad", "npu_fusion_attention_grad_v2", "npu_fusion_attention_grad_v3")
@@ -189,7 +191,7 @@ def load_records(path: str | Path) -> tuple[str, list[Record]]:
 # =========================================================================== reports
 @dataclass
 class TensorReport:
-    """SPEC 7 check of one recorded output against ref64, with where it diverges."""
+    """semantics §7 check of one recorded output against ref64, with where it diverges."""
 
     name: str
     shape: list[int]
@@ -346,7 +348,7 @@ def _as_int_list(v: Any) -> list[int] | None:
 
 
 def _seq_lens(cum: list[int]) -> list[int]:
-    """Per-batch lengths from cumulative ends; trailing zeros are padding (SPEC 2)."""
+    """Per-batch lengths from cumulative ends; trailing zeros are padding (semantics §2)."""
     end = len(cum)
     while end > 1 and cum[end - 1] == 0:
         end -= 1
@@ -408,7 +410,7 @@ def _canon(t: Tensor, role: str, g: Geometry) -> tuple[Tensor, str]:
 
 def _tnd_stats(t: Tensor, g: Geometry) -> Tensor:
     """TND statistics [T1, N1, 8] -> [1, N1, T1, 8]; softmax_layout "" holds, per batch, a
-    contiguous [N1, Sq_b, 8] block (SPEC 2)."""
+    contiguous [N1, Sq_b, 8] block (semantics §2)."""
     t1, n1 = t.shape[0], t.shape[1]
     if g.softmax_layout == "TND":
         return t.permute(1, 0, 2).unsqueeze(0)
@@ -472,9 +474,8 @@ def _tiles(err: Tensor, block: int) -> Tensor:
 
 def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tensor | None, rule: str, role: str,
                  g: Geometry, opts: Options) -> TensorReport:
-    """SPEC 7 for one output. rule: out | grad | stat_max | stat_sum."""
-    dtype = x.dtype
-    rep = TensorReport(name, list(x.shape), str(dtype).replace("torch.", ""), True, rule, 0.0, 0.0, n=x.numel(),
+    """semantics §7 for one output. rule: out | grad | stat_max | stat_sum."""
+    rep = TensorReport(name, list(x.shape), str(x.dtype).replace("torch.", ""), True, rule, 0.0, 0.0, n=x.numel(),
                        block=opts.block)
     if tuple(x.shape) != tuple(r64.shape):
         rep.ok, rep.max_err, rep.bound = False, math.inf, 0.0
@@ -486,55 +487,70 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
     s4 = _canon(rs.detach().to("cpu", torch.float64), role, g)[0] if rs is not None else None
     l4 = _canon(lib.detach().to("cpu", torch.float64), role, g)[0] if lib is not None and \
         tuple(lib.shape) == tuple(x.shape) else None
-    finite_ref = torch.isfinite(r4)
     err = (x4 - r4).abs()
     err = torch.where(torch.isnan(x4) & ~torch.isnan(r4), torch.full_like(err, math.inf), err)
     err = torch.where(torch.isnan(err) & (x4 == r4), torch.zeros_like(err), err)  # both inf, same sign
     err = torch.nan_to_num(err, nan=math.inf, posinf=math.inf)
-    if rule.startswith("stat"):
-        sentinel = r4.abs() == FLT_MAX
-        err = torch.where(sentinel, torch.where(x4 == r4, torch.zeros_like(err), torch.full_like(err, math.inf)), err)
-        tol = 1e-5 * r4.abs().clamp_min(1.0) if rule == "stat_max" else 1e-4 * r4.abs()
-        tol = torch.where(sentinel, torch.zeros_like(tol), tol)
-        ratio = torch.where(tol > 0, err / tol.clamp_min(1e-300), torch.full_like(err, math.inf))
-        ratio = torch.where(err == 0, torch.zeros_like(ratio), ratio)
-        beyond = ~(err <= tol)
-        rep.rule = rule + (" |x-ref64| <= 1e-5*max(1,|ref64|)" if rule == "stat_max" else " |x-ref64| <= 1e-4*ref64")
-        rep.max_err = float(err.max()) if err.numel() else 0.0
-        rep.bound = float(ratio.max()) if ratio.numel() else 0.0  # largest err / tol
-        rep.ok = not bool(beyond.any())
-        if s4 is not None:
-            se = _inf_nan((s4 - r4).abs() * ~sentinel)
-            rep.ref_same_err = float(se.max()) if se.numel() else 0.0
-        if l4 is not None:
-            le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
-            le = torch.where(sentinel, torch.where(l4 == r4, torch.zeros_like(le), torch.full_like(le, math.inf)), le)
-            rep.fascore_err = float(le.max()) if le.numel() else 0.0
-            rep.fascore_ok = bool((le <= tol).all())
-    else:
-        factor = 2.0 if rule == "out" else 3.0
-        fin = finite_ref
-        same = float(_inf_nan((s4 - r4).abs()[fin]).max()) if s4 is not None and bool(fin.any()) else 0.0
-        scale = max(1.0, float(r4.abs()[fin].max())) if bool(fin.any()) else 1.0
-        bound = factor * same + EPS.get(dtype, 1e-5) * scale
-        beyond = ~(err <= bound)
-        ratio = err / bound
-        rep.rule = f"{'out' if rule == 'out' else 'grad'} max|x-ref64| <= {factor:g}*max|ref_same-ref64| + eps"
-        rep.max_err = float(err.max()) if err.numel() else 0.0
-        rep.bound, rep.ref_same_err = bound, same
-        rep.ok = not bool(beyond.any())
-        if rule == "out":
-            thr = torch.maximum(0.005 * r4.abs(), torch.full_like(r4, 2.5e-5))
-            frac = float((~(err <= thr)).double().mean()) if err.numel() else 0.0
-            rep.frac_beyond = frac
-            if frac > 0.005:
-                rep.ok = False
-        if l4 is not None:
-            le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
-            rep.fascore_err = float(le.max()) if le.numel() else 0.0
-            rep.fascore_ok = rep.fascore_err <= bound
+    rule_of = _stats_rule if rule.startswith("stat") else _max_rule
+    err, beyond, ratio = rule_of(rep, rule, err, r4, s4, l4, x.dtype)
     rep.n_beyond = int(beyond.sum())
-    # ---- where: heads, row blocks, tiles, non-finite positions
+    _locate(rep, x4, r4, err, beyond, ratio, role, opts)
+    return rep
+
+
+def _stats_rule(rep: TensorReport, rule: str, err: Tensor, r4: Tensor, s4: Tensor | None, l4: Tensor | None,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics at float32 level per element, sentinels exact: (err, beyond, err / tol)."""
+    sentinel = r4.abs() == FLT_MAX
+    err = torch.where(sentinel, torch.where(err == 0, torch.zeros_like(err), torch.full_like(err, math.inf)), err)
+    tol = 1e-5 * r4.abs().clamp_min(1.0) if rule == "stat_max" else 1e-4 * r4.abs()
+    tol = torch.where(sentinel, torch.zeros_like(tol), tol)
+    ratio = torch.where(tol > 0, err / tol.clamp_min(1e-300), torch.full_like(err, math.inf))
+    ratio = torch.where(err == 0, torch.zeros_like(ratio), ratio)
+    beyond = ~(err <= tol)
+    rep.rule = rule + (" |x-ref64| <= 1e-5*max(1,|ref64|)" if rule == "stat_max" else " |x-ref64| <= 1e-4*ref64")
+    rep.max_err = float(err.max()) if err.numel() else 0.0
+    rep.bound = float(ratio.max()) if ratio.numel() else 0.0  # largest err / tol
+    rep.ok = not bool(beyond.any())
+    if s4 is not None:
+        se = _inf_nan((s4 - r4).abs() * ~sentinel)
+        rep.ref_same_err = float(se.max()) if se.numel() else 0.0
+    if l4 is not None:
+        le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
+        le = torch.where(sentinel, torch.where(l4 == r4, torch.zeros_like(le), torch.full_like(le, math.inf)), le)
+        rep.fascore_err = float(le.max()) if le.numel() else 0.0
+        rep.fascore_ok = bool((le <= tol).all())
+    return err, beyond, ratio
+
+
+def _max_rule(rep: TensorReport, rule: str, err: Tensor, r4: Tensor, s4: Tensor | None, l4: Tensor | None,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Outputs (2x) and gradients (3x) of ref_same's error, and the 0.5 % golden criterion."""
+    factor = 2.0 if rule == "out" else 3.0
+    fin = torch.isfinite(r4)
+    same = float(_inf_nan((s4 - r4).abs()[fin]).max()) if s4 is not None and bool(fin.any()) else 0.0
+    scale = max(1.0, float(r4.abs()[fin].max())) if bool(fin.any()) else 1.0
+    bound = factor * same + EPS.get(dtype, 1e-5) * scale
+    beyond = ~(err <= bound)
+    rep.rule = f"{'out' if rule == 'out' else 'grad'} max|x-ref64| <= {factor:g}*max|ref_same-ref64| + eps"
+    rep.max_err = float(err.max()) if err.numel() else 0.0
+    rep.bound, rep.ref_same_err = bound, same
+    rep.ok = not bool(beyond.any())
+    if rule == "out":
+        thr = torch.maximum(0.005 * r4.abs(), torch.full_like(r4, 2.5e-5))
+        rep.frac_beyond = float((~(err <= thr)).double().mean()) if err.numel() else 0.0
+        if rep.frac_beyond > 0.005:
+            rep.ok = False
+    if l4 is not None:
+        le = (l4 - r4).abs().nan_to_num(nan=math.inf, posinf=math.inf)
+        rep.fascore_err = float(le.max()) if le.numel() else 0.0
+        rep.fascore_ok = rep.fascore_err <= bound
+    return err, beyond, err / bound
+
+
+def _locate(rep: TensorReport, x4: Tensor, r4: Tensor, err: Tensor, beyond: Tensor, ratio: Tensor, role: str,
+            opts: Options) -> None:
+    """Where it diverges: non-finite positions, heads, row blocks and tiles."""
     nan4, inf4 = torch.isnan(x4) & ~torch.isnan(r4), torch.isinf(x4) & ~torch.isinf(r4)
     rep.n_nan, rep.n_inf = int(nan4.sum()), int(inf4.sum())
     if rep.n_nan or rep.n_inf:
@@ -546,8 +562,7 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
                               for p in rows[: opts.max_positions]]
         if len(rows) > opts.max_positions:
             rep.nonfinite_rows.append({"more": int(len(rows) - opts.max_positions)})
-    b4, n4 = err.shape[0], err.shape[1]
-    for h in range(n4):
+    for h in range(err.shape[1]):
         eh = err[:, h]
         rep.heads.append({"head": h, "max_err": float(eh.max()) if eh.numel() else 0.0,
                           "n_beyond": int(beyond[:, h].sum()), "n_nan": int(nan4[:, h].sum())})
@@ -558,10 +573,11 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
     rep.block_beyond = cnt.sum(0).long().tolist()
     rep.bad_blocks = sorted({int(i) for i in torch.nonzero(cnt.sum((0, 1)) > 0).reshape(-1).tolist()})
     rat = torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
-    if role == "pse":
+    if err.shape[0] == 0:
+        rep.worst_tiles = []
+    elif role == "pse":
         tiles = _tiles(rat, opts.block)  # [B, N, nbq, nbk]
-        bad = torch.nonzero(tiles > 1)
-        order = sorted(bad.tolist(), key=lambda p: -float(tiles[tuple(p)]))[: opts.max_positions]
+        order = sorted(torch.nonzero(tiles > 1).tolist(), key=lambda p: -float(tiles[tuple(p)]))[: opts.max_positions]
         et = _tiles(err, opts.block)
         rep.worst_tiles = [{"batch": p[0], "head": p[1], "q_block": p[2], "k_block": p[3],
                             "rows": _span(p[2], opts.block, err.shape[2]),
@@ -569,14 +585,10 @@ def check_tensor(name: str, x: Tensor, r64: Tensor, rs: Tensor | None, lib: Tens
                             "max_err": float(et[tuple(p)]), "ratio": float(tiles[tuple(p)])} for p in order]
     else:
         rb = _row_blocks(rat, opts.block)
-        bad = torch.nonzero(rb > 1)
-        order = sorted(bad.tolist(), key=lambda p: -float(rb[tuple(p)]))[: opts.max_positions]
+        order = sorted(torch.nonzero(rb > 1).tolist(), key=lambda p: -float(rb[tuple(p)]))[: opts.max_positions]
         key = {"q": "q_block", "stats": "q_block", "k": "k_block"}.get(role, "block")
         rep.worst_tiles = [{"batch": p[0], "head": p[1], key: p[2], "rows": _span(p[2], opts.block, err.shape[2]),
                             "max_err": float(blk[tuple(p)]), "ratio": float(rb[tuple(p)])} for p in order]
-    if b4 == 0:
-        rep.worst_tiles = []
-    return rep
 
 
 def _inf_nan(x: Tensor) -> Tensor:
@@ -755,7 +767,7 @@ def _dropout_seed(rec: Record, named: dict, call: CallReport, given: tuple[int, 
             return False
     named["seed"], named["offset"] = int(seed), int(off or 0)
     call.flags.append("bits assumed")
-    call.notes.append(f"dropout mask regenerated with SPEC 5's Philox model from seed={seed}, offset={off}")
+    call.notes.append(f"dropout mask regenerated with semantics §5's Philox model from seed={seed}, offset={off}")
     return True
 
 
@@ -763,46 +775,82 @@ def compare_record(rec: Record, opts: Options) -> list[CallReport]:
     """Check one recorded call (and its autograd backward, when recorded)."""
     t0 = time.perf_counter()
     is_grad = rec.api in GRAD_APIS
-    kind = "grad" if is_grad else "forward"
-    call = CallReport(rec.name, rec.api, kind, SKIPPED, notes=list(rec.notes))
+    call = CallReport(rec.name, rec.api, "grad" if is_grad else "forward", SKIPPED, notes=list(rec.notes))
     reports = [call]
     engine = opts.engine or fascore.current_engine_name()
-    missing = find_missing([rec.args, rec.kwargs])
+    loaded = _load(rec, call, reports, opts)
+    if loaded is None:
+        return reports
+    named, outputs = loaded
+    refs = _references(rec, named, call, reports, engine, opts)
+    call.seconds = time.perf_counter() - t0
+    if refs is None:
+        return reports
+    g, rs, r64, lib = refs
+    if outputs is None:
+        call.message = "the record holds no outputs"
+        return reports
+    if is_grad:
+        _check_grads(call, rec.api, named, outputs, r64, rs, lib, g, opts)
+    else:
+        _check_forward(call, outputs, r64, rs, lib, g, opts)
+    _verdict(call)
+    if call.verdict == OUT and opts.diagnose and not is_grad:
+        call.diagnosis = diagnose(rec.api, named, outputs, r64, call, g, opts)
+    _summarise(call)
+    call.seconds = time.perf_counter() - t0
+    if rec.backward and not is_grad:
+        reports.append(_compare_backward(rec, named, outputs, g, engine, opts, call))
+    return reports
+
+
+def _load(rec: Record, call: CallReport, reports: list[CallReport], opts: Options) -> tuple[dict, Any] | None:
+    """The record's arguments by name and its outputs, or None (the reason in ``call``)."""
     if rec.api not in APIS or not hasattr(fascore, rec.api):
         call.message = f"{rec.api}: not an entry point of this fascore"
-        return reports
+        return None
+    missing = find_missing([rec.args, rec.kwargs])
     if missing:
         call.message = "the record lacks inputs: " + "; ".join(missing[:3])
-        return reports
+        return None
     try:
         args, kwargs = materialize(rec.args), materialize(rec.kwargs)
         outputs = materialize(rec.outputs) if rec.outputs is not None else None
     except OSError as e:
         call.message = str(e)
-        return reports
+        return None
     try:
         named = _bind(rec.api, args, kwargs)
     except TypeError as e:
         call.verdict, call.message = INVALID, f"the recorded arguments do not fit {rec.api}: {e}"
-        return reports
-    rec_out = Record(rec.name, rec.api, args, kwargs, outputs)
-    if not is_grad and not _dropout_seed(rec_out, named, call, opts.seeds.get(rec.name)):
+        return None
+    if rec.api in GRAD_APIS:
+        _flag_assumed_bits(call, named)
+    elif not _dropout_seed(Record(rec.name, rec.api, args, kwargs, outputs), named, call, opts.seeds.get(rec.name)):
         call.message = ("keep_prob < 1 with a generated dropout mask, but the record holds no seed/offset "
                         "(msprobe drops outputs 4 and 5 of npu_fusion_attention): the mask cannot be regenerated "
                         "(give them with --dropout-seed NAME=SEED,OFFSET if known)")
         if rec.backward:
             reports.append(CallReport(rec.name + " backward", rec.api, "backward", SKIPPED, call.message))
-        return reports
-    if is_grad:
-        try:
-            kp = float(named.get("keep_prob", 1.0))
-        except (TypeError, ValueError):
-            kp = 1.0
-        if kp < 1.0 and named.get("dropout_mask") is None:
-            call.flags.append("bits assumed")
-            call.notes.append(f"dropout mask regenerated with SPEC 5's Philox model from seed={named.get('seed', 0)}, "
-                              f"offset={named.get('offset', 0)}")
-    # ---- validation: the reference in the input dtype; FlashAttentionError = inputs invalid
+        return None
+    return named, outputs
+
+
+def _flag_assumed_bits(call: CallReport, named: dict) -> None:
+    try:
+        kp = float(named.get("keep_prob", 1.0))
+    except (TypeError, ValueError):
+        kp = 1.0
+    if kp < 1.0 and named.get("dropout_mask") is None:
+        call.flags.append("bits assumed")
+        call.notes.append(f"dropout mask regenerated with semantics §5's Philox model from seed={named.get('seed', 0)}, "
+                          f"offset={named.get('offset', 0)}")
+
+
+def _references(rec: Record, named: dict, call: CallReport, reports: list[CallReport], engine: str,
+                opts: Options) -> tuple | None:
+    """(geometry, ref_same, ref64, fascore's engine) of the call, or None: the validation's
+    FlashAttentionError makes the verdict "inputs invalid" (out of memory: skipped)."""
     try:
         g = _geometry(named)
         call.geometry = g.as_dict(named)
@@ -816,16 +864,15 @@ def compare_record(rec: Record, opts: Options) -> list[CallReport]:
         call.verdict, call.message, call.status = verdict, str(e), e.status
         if rec.backward:
             reports.append(CallReport(rec.name + " backward", rec.api, "backward", verdict, str(e), e.status))
-        call.seconds = time.perf_counter() - t0
-        return reports
+        return None
     if g is None:
         call.message = "could not read the call's geometry"
-        return reports
+        return None
     try:
         r64, _ = _call_ref(rec.api, _as64(rec.api, named), call.notes)
     except fascore.FlashAttentionError as e:
         call.verdict, call.message, call.status = SKIPPED, f"float64 reference: {e}", e.status
-        return reports
+        return None
     try:
         lib, _ = _call(rec.api, named, engine, opts.device)
     except Exception as e:  # noqa: BLE001 - a baseline failure is reported, not fatal
@@ -834,43 +881,39 @@ def compare_record(rec: Record, opts: Options) -> list[CallReport]:
     if rec.recorded_error:
         e = rec.recorded_error
         call.notes.append(f"the recorded run raised {e.get('type')}: {e.get('message')}")
-    if outputs is None:
-        call.message = "the record holds no outputs"
-        return reports
-    if not is_grad:
-        checks = [("attention_out", 0, "out", "q"), ("softmax_max", 1, "stat_max", "stats"),
-                  ("softmax_sum", 2, "stat_sum", "stats")]
-        for name, i, rule, role in checks:
-            x = outputs[i] if i < len(outputs) else None
-            if not _is_tensor(x):
-                call.notes.append(f"{name} not recorded")
-                continue
-            call.tensors.append(check_tensor(name, x, r64[i], rs[i], lib[i] if lib is not None else None, rule, role,
-                                             g, opts))
-        if all(_is_tensor(outputs[i]) for i in range(3)) and tuple(outputs[1].shape) == tuple(r64[1].shape) \
-                and tuple(outputs[0].shape) == tuple(r64[0].shape):
-            call.invalid_rows = _invalid_rows(outputs[1], outputs[2], outputs[0], r64[1], g, opts)
-    else:
-        xo = _grad_outputs(rec.api, outputs, named)
-        ro, so = _grad_outputs(rec.api, r64, named), _grad_outputs(rec.api, rs, named)
-        lo = _grad_outputs(rec.api, lib, named) if lib is not None else {}
-        for name in ("dq", "dk", "dv", "dpse", "dq_rope", "dk_rope", "dsink"):
-            x, r = xo.get(name), ro.get(name)
-            if not _is_tensor(x) or _empty(r) and _empty(x):
-                continue
-            if _empty(r):
-                if x.numel():
-                    call.notes.append(f"{name}: recorded {list(x.shape)}, fascore returns none (not compared)")
-                continue
-            call.tensors.append(check_tensor(name, x, r, so.get(name), lo.get(name), "grad", _ROLE[name], g, opts))
-    _verdict(call)
-    if call.verdict == OUT and opts.diagnose and not is_grad:
-        call.diagnosis = diagnose(rec.api, named, outputs, r64, call, g, opts)
-    _summarise(call)
-    call.seconds = time.perf_counter() - t0
-    if rec.backward and not is_grad:
-        reports.append(_compare_backward(rec, named, outputs, g, engine, opts, call))
-    return reports
+    return g, rs, r64, lib
+
+
+def _check_forward(call: CallReport, outputs: list, r64: tuple, rs: tuple, lib: tuple | None, g: Geometry,
+                   opts: Options) -> None:
+    checks = [("attention_out", 0, "out", "q"), ("softmax_max", 1, "stat_max", "stats"),
+              ("softmax_sum", 2, "stat_sum", "stats")]
+    for name, i, rule, role in checks:
+        x = outputs[i] if i < len(outputs) else None
+        if not _is_tensor(x):
+            call.notes.append(f"{name} not recorded")
+            continue
+        call.tensors.append(check_tensor(name, x, r64[i], rs[i], lib[i] if lib is not None else None, rule, role,
+                                         g, opts))
+    if all(_is_tensor(outputs[i]) for i in range(3)) and tuple(outputs[1].shape) == tuple(r64[1].shape) \
+            and tuple(outputs[0].shape) == tuple(r64[0].shape):
+        call.invalid_rows = _invalid_rows(outputs[1], outputs[2], outputs[0], r64[1], g, opts)
+
+
+def _check_grads(call: CallReport, api: str, named: dict, outputs: list, r64: tuple, rs: tuple, lib: tuple | None,
+                 g: Geometry, opts: Options) -> None:
+    xo = _grad_outputs(api, outputs, named)
+    ro, so = _grad_outputs(api, r64, named), _grad_outputs(api, rs, named)
+    lo = _grad_outputs(api, lib, named) if lib is not None else {}
+    for name in ("dq", "dk", "dv", "dpse", "dq_rope", "dk_rope", "dsink"):
+        x, r = xo.get(name), ro.get(name)
+        if not _is_tensor(x) or _empty(r) and _empty(x):
+            continue
+        if _empty(r):
+            if x.numel():
+                call.notes.append(f"{name}: recorded {list(x.shape)}, fascore returns none (not compared)")
+            continue
+        call.tensors.append(check_tensor(name, x, r, so.get(name), lo.get(name), "grad", _ROLE[name], g, opts))
 
 
 def _compare_backward(rec: Record, named: dict, outputs: list, g: Geometry, engine: str, opts: Options,
@@ -1016,7 +1059,7 @@ def diagnose(api: str, named: dict, outputs: list, r64: Any, call: CallReport, g
                 same = float((xm[live] == rm[live].to(dt).double()).double().mean())
                 if same >= 0.5:
                     found.append(f"softmax_max equals the {label} rounding of the exact row max in {100 * same:.0f} % "
-                                 f"of rows: the logits were rounded to {label} before the softmax (SPEC 3 keeps them "
+                                 f"of rows: the logits were rounded to {label} before the softmax (semantics §3 keeps them "
                                  "float32)")
                     break
     x_out = outputs[0]
@@ -1103,7 +1146,7 @@ def _slug(name: str) -> str:
 def heatmap(call: CallReport, path: Path) -> list[dict]:
     """|error| by head x row block for every compared output of ``call``, one PNG; returns the
     subplots' titles and axis labels. Colour: log10 of the block's max |x - ref64|; x marks
-    blocks holding elements beyond SPEC 7's bound; blue blocks hold NaN/inf."""
+    blocks holding elements beyond semantics §7's bound; blue blocks hold NaN/inf."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -1149,7 +1192,7 @@ def heatmap(call: CallReport, path: Path) -> list[dict]:
         info.append({"tensor": t.name, "title": title, "xlabel": xlabel, "ylabel": ylabel, "shape": list(m.shape)})
     for ax in axes.reshape(-1)[len(ts):]:
         ax.axis("off")
-    fig.suptitle(f"{call.name} ({call.kind}): {call.verdict}    x: beyond SPEC 7's bound    blue: NaN/inf",
+    fig.suptitle(f"{call.name} ({call.kind}): {call.verdict}    x: beyond semantics §7's bound    blue: NaN/inf",
                  fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.94, bottom=0.13 / rows + 0.02, top=1 - 0.16 / rows, wspace=0.45,
                         hspace=0.55)

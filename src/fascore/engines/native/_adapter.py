@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fascore.dropout import counter_base
-from fascore.problem import Problem, Segment  # noqa: F401
-from fascore.pse import AlibiPse, CompressedPse, DensePse
+from fascore.canonical.bias import AlibiPse, CompressedPse, DensePse
+from fascore.canonical.problem import Problem, Segment  # noqa: F401
+from fascore.engines.base import FEATURES, Engine  # noqa: F401  (the dispatcher's engine contract)
+from fascore.rng.philox import counter_base
 
 PSE_NONE, PSE_DENSE, PSE_COMP, PSE_COMP_TND, PSE_ALIBI = range(5)
 DROP_NONE, DROP_PHILOX, DROP_BITS = range(3)
@@ -22,16 +23,16 @@ _FAST = (torch.float32, torch.float16, torch.bfloat16)
 
 def fallback():
     """The PyTorch tile engine, which runs what this engine does not support."""
-    from fascore import flash  # lazy: fascore may import this package while initialising
+    from fascore.engines.flash import tiles  # lazy: fascore may import this package while initialising
 
-    return flash
+    return tiles
 
 
 def forced_tiles() -> tuple[int, int] | None:
     """The flash engine's forced tile sizes, if a test set them (tiny-tile runs)."""
-    from fascore import kernels
+    from fascore.engines.flash import config
 
-    return kernels.config.get("tiles")
+    return config.config.get("tiles")
 
 
 def _i64(x: int) -> int:

@@ -1,0 +1,71 @@
+"""semantics §2's varlen rules: ``actual_seq_qlen`` / ``actual_seq_kvlen`` and the TND batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..canonical.layouts import Batch, tnd_batches
+from ..errors import invalid
+from ..limits import MAX_B_VARLEN
+from ..params import Names
+from .tensors import Geometry
+from .values import as_int_list, short
+
+__all__ = ["Varlen", "varlen"]
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """The batches of a call: TND's from the lengths, one [Sq, Skv] geometry otherwise."""
+
+    b: int  # batch count (TND: the list length, padding included)
+    batches: tuple[Batch, ...]  # TND only
+    cum_q: tuple[int, ...]  # TND: cumulative query ends (-1 marks trailing padding)
+    cum_kv: tuple[int, ...]
+    max_sq: int
+    max_skv: int
+    geoms: tuple[tuple[int, int], ...]  # (Sq_b, Skv_b) of every batch with queries
+
+    @property
+    def live(self) -> list[Batch]:
+        return [x for x in self.batches if x.sq > 0]
+
+
+def _seq_lens(value: Any, name: str, total: int, tname: str) -> list[int]:
+    """Cumulative lengths with trailing-zero padding marked -1; checks semantics §2's TND rules."""
+    cum = as_int_list(value, name)
+    if not 1 <= len(cum) <= MAX_B_VARLEN:
+        raise invalid(f"{name} has {len(cum)} entries: the batch count must be in [1, {MAX_B_VARLEN}]")
+    end = len(cum)
+    while end > 0 and cum[end - 1] == 0 and any(x > 0 for x in cum[:end - 1]):
+        end -= 1
+    body = cum[:end]
+    prev = 0
+    for k, x in enumerate(body):
+        if x < prev:
+            raise invalid(f"{name}={short(cum)}: cumulative lengths must not decrease "
+                          f"(entry {k} is {x} after {prev}); only trailing zeros may pad")
+        prev = x
+    if body and body[-1] > total:
+        raise invalid(f"{name}={short(cum)}: the total {body[-1]} exceeds {tname}={total}")
+    return cum[:end] + [-1] * (len(cum) - end)
+
+
+def varlen(g: Geometry, actual_seq_qlen: Any, actual_seq_kvlen: Any, nm: Names) -> Varlen:
+    if g.layout != "TND":
+        for n_, v in (("actual_seq_qlen", actual_seq_qlen), ("actual_seq_kvlen", actual_seq_kvlen)):
+            if v is not None:
+                raise invalid(f"{nm[n_]} is only for layout TND (got layout {g.layout})")
+        return Varlen(g.b, (), (), (), g.sq, g.skv, ((g.sq, g.skv),))
+    if actual_seq_qlen is None or actual_seq_kvlen is None:
+        raise invalid(f"{nm['actual_seq_qlen']}/{nm['actual_seq_kvlen']}=None: required with layout TND")
+    cq = _seq_lens(actual_seq_qlen, nm["actual_seq_qlen"], g.sq, "T1")
+    ck = _seq_lens(actual_seq_kvlen, nm["actual_seq_kvlen"], g.skv, "T2")
+    if len(cq) != len(ck):
+        raise invalid(f"{nm['actual_seq_qlen']} has {len(cq)} entries, {nm['actual_seq_kvlen']} {len(ck)}: "
+                      "they must have the same length")
+    n_eff = min((cq + [-1]).index(-1), (ck + [-1]).index(-1))
+    batches = tuple(tnd_batches(cq[:n_eff], ck[:n_eff]))
+    live = [x for x in batches if x.sq > 0]
+    return Varlen(len(cq), batches, tuple(cq), tuple(ck), max((x.sq for x in batches), default=0),
+                  max((x.skv for x in batches), default=0), tuple((x.sq, x.skv) for x in live))
