@@ -44,7 +44,11 @@ def drop(g: Geometry, vl: Varlen, sc: Scalars, dropout_mask: Any, draw_missing_s
         if dropout_mask is not None:
             bits = as_tensor(dropout_mask, nm["dropout_mask"], g.device)
             if bits.dtype != torch.uint8:
-                raise invalid(f"{nm['dropout_mask']} dtype {bits.dtype}: must be uint8 (bit-packed, 1 = keep)")
+                hint = ""
+                if bits.dtype == torch.bool or bits.numel() == numels:
+                    hint = (f"; one element per position is the unpacked form: pack 8 per byte, least significant "
+                            f"bit first (bit f % 8 of byte f // 8), or let keep_prob with seed/offset generate it")
+                raise invalid(f"{nm['dropout_mask']} dtype {bits.dtype}: must be uint8 (bit-packed, 1 = keep)" + hint)
             need = -(-numels // 8)
             if bits.numel() < need:
                 raise invalid(f"{nm['dropout_mask']} has {bits.numel()} bytes: needs at least ceil({numels}/8)={need}")

@@ -16,7 +16,7 @@ from ..params import Names
 from .scalars import Scalars
 from .tensors import Geometry
 from .tnd import Varlen
-from .values import as_int_list, as_tensor
+from .values import as_int_list, as_tensor, readable
 
 __all__ = ["COMPRESSED_MODES", "Masking", "masking", "mask_spec"]
 
@@ -49,21 +49,79 @@ def _check_compressed(mask: Tensor, mode: int, name: str) -> None:
     rows = 3072 if mode == 6 else 2048
     shape = list(mask.shape)
     if shape not in ([rows, 2048], [1, 1, rows, 2048]):
+        make = "torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)" if rows == 2048 else \
+            "the 3072-row prefix mask (docs/semantics.md §4)"
         raise invalid(f"{name} shape {shape} with sparse_mode={mode}: must be the compressed "
-                      f"[{rows}, 2048] mask (or [1, 1, {rows}, 2048])")
+                      f"[{rows}, 2048] mask (or [1, 1, {rows}, 2048]), the same whatever Sq and Skv: {make}; "
+                      "a full [Sq, Skv] mask goes with sparse_mode=0 or 1")
     stamp = (mask._version, mask.data_ptr(), mask.dtype, tuple(mask.stride()))
     seen = _compressed_seen.get(id(mask))
     if seen is not None and seen[0]() is mask and seen[1] == stamp:
         return  # this very tensor, unchanged since it was checked (in-place writes bump _version)
     m = mask.reshape(rows, 2048).to(torch.uint8)
-    if torch.equal(m, _compressed_expected(rows, mask.device)):
+    expected = _compressed_expected(rows, mask.device)
+    if torch.equal(m, expected):
         if len(_compressed_seen) >= 64:
             _compressed_seen.pop(next(iter(_compressed_seen)))
         _compressed_seen[id(mask)] = (weakref.ref(mask), stamp)
     else:
         what = "triu(ones(2048, 2048), diagonal=1)" if rows == 2048 else \
             "triu(ones(2048, 2048), 1) over a [1024, 2048] block of 0 (left half) and 1 (right half)"
-        raise invalid(f"{name} with sparse_mode={mode}: the compressed mask must equal {what}")
+        raise invalid(f"{name} with sparse_mode={mode}: the compressed mask must equal {what}"
+                      + _compressed_hint(m, expected, rows, name))
+
+
+def _compressed_hint(m: Tensor, expected: Tensor, rows: int, name: str) -> str:
+    """What a wrong compressed mask is, when it is a usual near miss."""
+    tri = m[:2048]
+    if torch.equal(m, 1 - expected):
+        return (f" ({name} is its complement, a keep-mask with True = attend as in SDPA: fascore, like Ascend, "
+                f"masks where True; pass ~{name} or "
+                "torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1))")
+    ones = torch.ones(2048, 2048, dtype=torch.uint8, device=m.device)
+    if torch.equal(tri, torch.triu(ones, diagonal=0)):
+        return " (it is triu(..., diagonal=0), which also masks the diagonal: use diagonal=1)"
+    if torch.equal(tri, torch.tril(ones, diagonal=-1)):
+        return f" (it is the transpose, tril(..., diagonal=-1): pass {name}.T)"
+    if rows == 3072 and m.shape[0] == 3072 and torch.equal(tri, expected[:2048]):
+        return " (the triangle is right; the [1024, 2048] block below it must be 0 in its left and 1 in its right half)"
+    return ""
+
+
+def _dtype_hint(mask: Tensor, name: str) -> str:
+    """A float or integer atten_mask: what it probably means and what to pass (reads at most 4M values)."""
+    if mask.dtype.is_complex:
+        return ""
+    flat = readable(mask, name).reshape(-1)[: 1 << 22]
+    if mask.dtype.is_floating_point:
+        if bool(((flat == 0) | (flat == 1)).all()):
+            return (f" (a 0/1 float mask: if 1 means masked out pass {name}.bool(); if 1 means keep "
+                    f"(SDPA's polarity) pass {name} == 0; fascore, like Ascend, masks where True)")
+        if bool(((flat == 0) | (flat <= torch.finfo(mask.dtype).min / 2)).all()):  # -inf or dtype.min
+            return (f" (an additive 0/-inf mask, as SDPA's float attn_mask: pass {name} != 0, True = masked out; "
+                    "a general additive bias goes in pse with pse_type=0 of npu_fusion_attention_v2)")
+        return (" (a float tensor that is not a 0/1 or 0/-inf mask looks like an additive bias: pass it as pse "
+                "with pse_type=0 of npu_fusion_attention_v2, and atten_mask as bool)")
+    return f" (an integer mask: pass {name}.bool() or {name}.to(torch.uint8); nonzero = masked out)"
+
+
+def _shape_hint(shape: list[int], full: list[list[int]], b: int, sq: int, skv: int, name: str, mode_name: str) -> str:
+    """A full-mask shape that is one step from an accepted one."""
+    if shape in ([2048, 2048], [1, 1, 2048, 2048], [3072, 2048], [1, 1, 3072, 2048]):
+        return (f" ({shape[-2]} x 2048 is a compressed mask: those go with {mode_name}=2, 3 or 4 "
+                "(6 for the 3072-row prefix mask); modes 0, 1 and 5 read a full [Sq, Skv] mask)")
+    if shape == [b, sq, skv]:
+        return f" (add the head axis: {name}.unsqueeze(1) -> [B, 1, Sq, Skv])"
+    if shape in ([b, 1, 1, skv], [b, skv]):
+        return (f" (a key-padding mask: broadcast it over the query rows, "
+                f"{name}.reshape({b}, 1, 1, {skv}).expand({b}, 1, {sq}, {skv}))")
+    if shape == [skv, sq] and sq != skv:
+        return f" (transposed: pass {name}.T, rows are queries and columns keys)"
+    if len(shape) == 4 and shape[-2:] == [sq, skv] and [shape[0], 1, sq, skv] in full:
+        return f" (one mask for all heads: {name}[:, :1], or one per head [B, N1, Sq, Skv])"
+    if len(shape) == 2 and shape == [sq, skv] and [b, 1, sq, skv] in full:
+        return f" (expand it over the batch: {name}.expand({b}, 1, {sq}, {skv}))"
+    return ""
 
 
 def _band_rule(pre: int, nxt: int, shift: int, sq: int, skv: int, what: str, names: Names) -> None:
@@ -90,20 +148,25 @@ def _mask_tensor(g: Geometry, vl: Varlen, sc: Scalars, atten_mask: Any, nm: Name
         return None
     mask = as_tensor(atten_mask, nm["atten_mask"], g.device)
     if mask.dtype not in (torch.bool, torch.uint8):
-        raise invalid(f"{nm['atten_mask']} dtype {mask.dtype}: must be bool or uint8")
+        raise invalid(f"{nm['atten_mask']} dtype {mask.dtype}: must be bool or uint8"
+                      + _dtype_hint(mask, nm["atten_mask"]))
     shape, sq, skv, b = list(mask.shape), g.sq, g.skv, vl.b
     if mode in COMPRESSED_MODES:
         _check_compressed(mask, mode, nm["atten_mask"])
     elif g.layout == "TND":
         if shape not in ([vl.max_sq, vl.max_skv], [sq, skv]):
             raise invalid(f"{nm['atten_mask']} shape {shape} with layout TND: must be [maxSq, maxSkv]="
-                          f"{[vl.max_sq, vl.max_skv]} or [T1, T2]={[sq, skv]}")
+                          f"{[vl.max_sq, vl.max_skv]} or [T1, T2]={[sq, skv]}"
+                          + (" (only these 2-D forms: squeeze the leading unit dimensions)"
+                             if len(shape) > 2 and shape[-2:] in ([vl.max_sq, vl.max_skv], [sq, skv])
+                             and all(x == 1 for x in shape[:-2]) else ""))
     else:
         full = [[sq, skv], [1, 1, sq, skv], [b, 1, sq, skv], [b, g.n1, sq, skv]]
         if mode == 5 and b > 1:
             full = [[b, 1, sq, skv], [b, g.n1, sq, skv]]
         if shape not in full:
-            raise invalid(f"{nm['atten_mask']} shape {shape} with {nm['sparse_mode']}={mode}: must be one of {full}")
+            raise invalid(f"{nm['atten_mask']} shape {shape} with {nm['sparse_mode']}={mode}: must be one of {full}"
+                          + _shape_hint(shape, full, b, sq, skv, nm["atten_mask"], nm["sparse_mode"]))
     return mask
 
 
@@ -125,7 +188,8 @@ def _prefix(g: Geometry, vl: Varlen, sc: Scalars, prefix: Any, nm: Names) -> lis
     """Modes 5 / 6: one prefix per batch, each in semantics §4's range."""
     mode, b = sc.mode, vl.b
     if prefix is None:
-        raise invalid(f"{nm['prefix']}=None: required with {nm['sparse_mode']}={mode}")
+        raise invalid(f"{nm['prefix']}=None: required with {nm['sparse_mode']}={mode}: one prefix length per batch "
+                      f"(B={b}), e.g. {nm['prefix']}=[P] * {b}")
     values = as_int_list(prefix, nm["prefix"])
     if b > MAX_B_VARLEN:
         raise invalid(f"{nm['query']} batch B={b}: with {nm['prefix']} B must be <= {MAX_B_VARLEN}")

@@ -32,10 +32,27 @@ class Bias:
     sink: Tensor | None
 
 
+def _pse_shape_hint(shape: list[int], b: int, n1: int, sq: int, skv: int, sc: Scalars, nm: Names) -> str:
+    p = nm["pse"]
+    if shape in ([n1], [b, n1]) and sc.pse_type in (0, 1):
+        return (f" (a [{', '.join(map(str, shape))}] pse looks like ALiBi slopes: pass {nm['pse_type']}=2 or 3 "
+                "with npu_fusion_attention_v2)")
+    if shape == [sq, skv]:
+        return f" (one bias for every batch and head: {p}[None, None].expand(1, {n1}, {sq}, {skv}))"
+    if shape == [n1, sq, skv]:
+        return f" (add the batch axis: {p}.unsqueeze(0))"
+    if len(shape) == 4 and shape[1] == 1 and shape[2:] in ([sq, skv], [1, skv]) and shape[0] in (1, b):
+        return f" (one bias for all heads: {p}.expand({shape[0]}, {n1}, {shape[2]}, {skv}))"
+    if len(shape) == 4 and shape[:2] in ([b, n1], [1, n1]) and shape[2:] == [skv, sq] and sq != skv:
+        return f" (transposed: rows are queries, columns keys: {p}.transpose(-1, -2))"
+    return ""
+
+
 def _pse_tensor(g: Geometry, vl: Varlen, sc: Scalars, mk: Masking, pse: Any, nm: Names) -> Tensor:
     t = as_tensor(pse, nm["pse"], g.device)
     if t.dtype != g.dtype:
-        raise invalid(f"{nm['pse']} dtype {t.dtype}: must equal {nm['query']} dtype {g.dtype}")
+        raise invalid(f"{nm['pse']} dtype {t.dtype}: must equal {nm['query']} dtype {g.dtype} "
+                      f"(e.g. {nm['pse']}.to({g.dtype}))")
     shape, b, n1, sq, skv = list(t.shape), vl.b, g.n1, g.sq, g.skv
     causal = mk.mask is not None and (sc.mode in (2, 3) or (sc.mode == 0 and sc.pre >= vl.max_sq and sc.nxt == 0))
     hint = _CAUSAL_HINT.format(nm["sparse_mode"])
@@ -54,7 +71,8 @@ def _pse_tensor(g: Geometry, vl: Varlen, sc: Scalars, mk: Masking, pse: Any, nm:
                           f"(got {sq}, {skv}) and {hint}")
     elif shape not in full:
         raise invalid(f"{nm['pse']} shape {shape}: must be one of {full}"
-                      + (" or the compressed [B or 1, N1, 1024, Skv]" if sq > 1024 else ""))
+                      + (" or the compressed [B or 1, N1, 1024, Skv]" if sq > 1024 else "")
+                      + _pse_shape_hint(shape, b, n1, sq, skv, sc, nm))
     return t
 
 
@@ -64,11 +82,19 @@ def _slopes(g: Geometry, vl: Varlen, sc: Scalars, pse: Any, nm: Names) -> Tensor
         raise invalid(f"{nm['pse']}=None: {nm['pse_type']}={ptype} needs ALiBi slopes")
     slopes = as_tensor(pse, nm["pse"], g.device)
     if slopes.dtype != torch.float32 or list(slopes.shape) not in ([vl.b, g.n1], [g.n1]):
+        hint = ""
+        if slopes.dtype != torch.float32 and list(slopes.shape) in ([vl.b, g.n1], [g.n1]):
+            hint = f" (e.g. {nm['pse']}.float(), whatever the query dtype)"
+        elif slopes.dim() == 4:
+            hint = f" (a 4-D pse is a bias tensor: that is {nm['pse_type']}=0 or 1)"
         raise invalid(f"{nm['pse']} {short(slopes)} with {nm['pse_type']}={ptype}: slopes must be float32 "
-                      f"[B, N1]={[vl.b, g.n1]} or [N1]={[g.n1]}")
+                      f"[B, N1]={[vl.b, g.n1]} or [N1]={[g.n1]}" + hint)
     if any(gq != gk for gq, gk in vl.geoms):
         raise invalid(f"{nm['pse_type']}={ptype} (in-kernel ALiBi) needs Sq == Skv"
-                      + (" in every batch" if g.layout == "TND" else f", got {g.sq} and {g.skv}"))
+                      + (" in every batch" if g.layout == "TND" else f", got {g.sq} and {g.skv}")
+                      + ("" if g.layout == "TND" else
+                         f"; for Sq != Skv pass the bias itself as a [B, N1, Sq, Skv] pse with {nm['pse_type']}=0 "
+                         "(fascore.attention(alibi_slopes=...) builds it)"))
     return slopes
 
 
@@ -102,7 +128,8 @@ def bias(g: Geometry, vl: Varlen, sc: Scalars, mk: Masking, pse: Any, q_start_id
     if sink is not None:
         sink = as_tensor(sink, nm["sink"], g.device)
         if sink.dtype != torch.float32 or list(sink.shape) != [g.n1]:
-            raise invalid(f"{nm['sink']} {short(sink)}: must be float32 of shape [N1]=[{g.n1}]")
+            raise invalid(f"{nm['sink']} {short(sink)}: must be float32 of shape [N1]=[{g.n1}]"
+                          + (f" (e.g. {nm['sink']}.float())" if list(sink.shape) == [g.n1] else ""))
     return Bias(pse_t, slopes, qs, ks, sink)
 
 

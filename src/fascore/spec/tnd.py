@@ -11,7 +11,7 @@ from ..params import Names
 from .tensors import Geometry
 from .values import as_int_list, short
 
-__all__ = ["Varlen", "varlen"]
+__all__ = ["Varlen", "varlen", "cumsum"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,29 @@ class Varlen:
         return [x for x in self.batches if x.sq > 0]
 
 
-def _seq_lens(value: Any, name: str, total: int, tname: str) -> list[int]:
+def cumsum(xs: list[int]) -> list[int]:
+    out, acc = [], 0
+    for x in xs:
+        acc += x
+        out.append(acc)
+    return out
+
+
+def _cumsum_hint(cum: list[int], total: int, tname: str) -> str:
+    """Per-sequence lengths passed where cumulative offsets belong: say what the offsets are."""
+    if all(x >= 0 for x in cum) and sum(cum) <= total:
+        c = cumsum(cum)
+        return (f"; these look like per-sequence lengths: pass their cumulative sums {short(c)} "
+                f"(itertools.accumulate(lengths), or torch.cumsum(lengths, 0); {tname}={total})")
+    return ""
+
+
+def _seq_lens(value: Any, name: str, total: int, tname: str, other: str = "", other_total: int = -1) -> list[int]:
     """Cumulative lengths with trailing-zero padding marked -1; checks semantics §2's TND rules."""
     cum = as_int_list(value, name)
     if not 1 <= len(cum) <= MAX_B_VARLEN:
-        raise invalid(f"{name} has {len(cum)} entries: the batch count must be in [1, {MAX_B_VARLEN}]")
+        raise invalid(f"{name} has {len(cum)} entries: the batch count must be in [1, {MAX_B_VARLEN}]"
+                      + (" (cumulative end offsets, one per sequence)" if not cum else ""))
     end = len(cum)
     while end > 0 and cum[end - 1] == 0 and any(x > 0 for x in cum[:end - 1]):
         end -= 1
@@ -44,10 +62,15 @@ def _seq_lens(value: Any, name: str, total: int, tname: str) -> list[int]:
     for k, x in enumerate(body):
         if x < prev:
             raise invalid(f"{name}={short(cum)}: cumulative lengths must not decrease "
-                          f"(entry {k} is {x} after {prev}); only trailing zeros may pad")
+                          f"(entry {k} is {x} after {prev}); only trailing zeros may pad"
+                          + _cumsum_hint(cum, total, tname))
         prev = x
     if body and body[-1] > total:
-        raise invalid(f"{name}={short(cum)}: the total {body[-1]} exceeds {tname}={total}")
+        hint = ""
+        if other and body[-1] == other_total:
+            hint = f"; {body[-1]} is the row count of {other}: were the query and key/value lengths swapped?"
+        raise invalid(f"{name}={short(cum)}: the total {body[-1]} exceeds {tname}={total} (the rows of the packed "
+                      f"tensor; the last offset is the number of rows used)" + hint)
     return cum[:end] + [-1] * (len(cum) - end)
 
 
@@ -55,15 +78,23 @@ def varlen(g: Geometry, actual_seq_qlen: Any, actual_seq_kvlen: Any, nm: Names) 
     if g.layout != "TND":
         for n_, v in (("actual_seq_qlen", actual_seq_qlen), ("actual_seq_kvlen", actual_seq_kvlen)):
             if v is not None:
-                raise invalid(f"{nm[n_]} is only for layout TND (got layout {g.layout})")
+                raise invalid(f"{nm[n_]} is only for layout TND (got layout {g.layout}); for padded batches "
+                              f"mask the padding with {nm['atten_mask']}, or pack the sequences into "
+                              f"[T, N, D] tensors with {nm['input_layout']}='TND'")
         return Varlen(g.b, (), (), (), g.sq, g.skv, ((g.sq, g.skv),))
     if actual_seq_qlen is None or actual_seq_kvlen is None:
-        raise invalid(f"{nm['actual_seq_qlen']}/{nm['actual_seq_kvlen']}=None: required with layout TND")
-    cq = _seq_lens(actual_seq_qlen, nm["actual_seq_qlen"], g.sq, "T1")
-    ck = _seq_lens(actual_seq_kvlen, nm["actual_seq_kvlen"], g.skv, "T2")
+        raise invalid(f"{nm['actual_seq_qlen']}/{nm['actual_seq_kvlen']}=None: required with layout TND: the "
+                      "cumulative end offset of each packed sequence, e.g. lengths [3, 5] -> [3, 8] "
+                      "(flash-attn's cu_seqlens[1:]; with its leading 0 the first batch is an empty one)")
+    cq = _seq_lens(actual_seq_qlen, nm["actual_seq_qlen"], g.sq, "T1", nm["key"], g.skv)
+    ck = _seq_lens(actual_seq_kvlen, nm["actual_seq_kvlen"], g.skv, "T2", nm["query"], g.sq)
     if len(cq) != len(ck):
+        hint = ""
+        if abs(len(cq) - len(ck)) == 1 and (cq[:1] == [0]) != (ck[:1] == [0]):
+            hint = (" (one starts with flash-attn's leading 0: drop it, cu_seqlens[1:], "
+                    "or give it to both)")
         raise invalid(f"{nm['actual_seq_qlen']} has {len(cq)} entries, {nm['actual_seq_kvlen']} {len(ck)}: "
-                      "they must have the same length")
+                      "they must have the same length, one entry per batch" + hint)
     n_eff = min((cq + [-1]).index(-1), (ck + [-1]).index(-1))
     batches = tuple(tnd_batches(cq[:n_eff], ck[:n_eff]))
     live = [x for x in batches if x.sq > 0]
