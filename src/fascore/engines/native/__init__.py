@@ -7,9 +7,9 @@ m, l, dpse, dsink)``, ``workspace_bytes(seg, prob, backward)``; plus ``not_suppo
 What runs (``csrc/``): per segment one pass over (batch, kv head, query block) work items
 (forward) or (batch, kv head) items (backward), on ``at::parallel_for``. Operands of any layout
 are read through their strides and converted to float32 per tile; logits, statistics and
-accumulators are float32 (SPEC 3). The block plan skips EMPTY tiles and does no mask work on FULL
+accumulators are float32 (semantics §3). The block plan skips EMPTY tiles and does no mask work on FULL
 ones (band / prefix analytic, explicit masks summarised per tile); every pse form, sink, invalid
-rows and SPEC 5's Philox (7 rounds, Ascend's byte model) are computed inside the kernel. The GEMMs
+rows and semantics §5's Philox (7 rounds, Ascend's byte model) are computed inside the kernel. The GEMMs
 are the engine's own register-blocked float32 micro-kernels (AVX2 + FMA where the CPU has them,
 detected at run time; a portable build otherwise), single-threaded inside a work item, so results
 are bitwise identical for any thread count. What the engine does not support (float64, CUDA) runs
@@ -21,6 +21,10 @@ import torch
 from torch import Tensor
 
 from . import _adapter, _build
+from .engine import NativeEngine  # the dispatcher's declaration (fascore.engines)
+
+__all__ = ["NativeEngine", "available", "build", "status", "not_supported_reasons", "forward", "backward",
+           "workspace_bytes", "config"]
 
 # Tile sizes (query rows per head, keys); None = chosen per problem. Tests force tiny tiles here
 # or through the flash engine's ``kernels.config["tiles"]``.
@@ -120,3 +124,4 @@ def workspace_bytes(seg, prob, backward: bool) -> int:
     if seg.pse is not None and hasattr(seg.pse, "t") and seg.pse.t.shape[0] == 1 and b > 1:
         dpse = 4 * b * seg.pse.t[0].numel()
     return scratch + summary + grads + dpse
+

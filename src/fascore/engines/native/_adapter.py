@@ -12,7 +12,6 @@ from torch import Tensor
 
 from fascore.canonical.bias import AlibiPse, CompressedPse, DensePse
 from fascore.canonical.problem import Problem, Segment  # noqa: F401
-from fascore.engines.base import FEATURES, Engine  # noqa: F401  (the dispatcher's engine contract)
 from fascore.rng.philox import counter_base
 
 PSE_NONE, PSE_DENSE, PSE_COMP, PSE_COMP_TND, PSE_ALIBI = range(5)
