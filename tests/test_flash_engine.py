@@ -31,7 +31,7 @@ from oracle import FLT_MAX, attention_oracle, compressed_causal_mask, compressed
 CAUSAL = compressed_causal_mask()
 PREFIX = compressed_prefix_mask()
 Q_ARGS = ("query", "key", "value", "head_num", "input_layout")
-GRAD_NAMES = ("dq", "dk", "dv", "dpse", "dsink", "dq_rope", "dk_rope")
+GRAD_NAMES = ("dq", "dk", "dv", "dpse", "dq_rope", "dk_rope", "dsink")  # grad_v2's order
 TOL32 = 1e-5
 
 # Flash configurations. tile_bytes=1 keeps every key block its own forward tile (and one query

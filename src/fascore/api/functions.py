@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .. import lint
 from ..params import ENTRY_POINTS, REQUIRED, EntryPoint
 from ..spec import build_problem, check_grad_inputs, check_numels, problem_args
 from . import ops
@@ -34,6 +35,7 @@ def _forward(ep: EntryPoint, kw: dict[str, Any]) -> tuple:
     else:
         args = problem_args(kw)
         prob = build_problem(**args, names=ep.names)
+        lint.check(prob, args, ep.names)  # guard rails: warn (or raise) on probable porting mistakes
         out, smax, ssum = attention_with_grad(prob, args)
         softmax_out = torch.empty(0, dtype=prob.dtype, device=prob.device)
         res = (out, smax, ssum, softmax_out, prob.seed, prob.offset, prob.numels)
@@ -56,8 +58,11 @@ def _grad(ep: EntryPoint, kw: dict[str, Any]) -> tuple:
         with torch.no_grad():
             g = run_backward(prob, kw["dy"], kw["attention_in"], kw["softmax_max"], kw["softmax_sum"])
     dq, dk, dv, dpse, dsink, dqr, dkr = g
-    if ep.name == "npu_fusion_attention_grad_v2" and kw.get("query_rope") is not None:
-        return dq, dk, dv, dpse, dsink, dqr, dkr
+    if ep.name == "npu_fusion_attention_grad_v2":  # torch_npu's 7-tuple, always (semantics §1)
+        def empty(t: Any) -> Tensor:
+            return torch.empty(0, dtype=kw["query"].dtype, device=kw["query"].device) if t is None else t
+        has_sink = kw.get("sink") is not None
+        return dq, dk, dv, empty(dpse), empty(dqr), empty(dkr), dsink if has_sink else None
     return dq, dk, dv, dpse, dsink
 
 
@@ -205,8 +210,10 @@ _GRAD_DOC = """Gradient of ``npu_fusion_attention``: ``(dq, dk, dv, dpse, dsink)
 
 """
 
-_GRAD_V2_DOC = """Gradient of ``npu_fusion_attention_v2``: ``(dq, dk, dv, dpse, dsink)``, plus
-    ``(dq_rope, dk_rope)`` when query_rope/key_rope are given. dpse is None for pse_type 2/3.
+_GRAD_V2_DOC = """Gradient of ``npu_fusion_attention_v2``: torch_npu's 7-tuple
+    ``(dq, dk, dv, dpse, dq_rope, dk_rope, dsink)``, in that order whatever is given. ``dpse``
+    (absent without pse or with pse_type 2/3), ``dq_rope`` and ``dk_rope`` (absent without rope)
+    are empty [0] tensors of query's dtype when absent; ``dsink`` is None without sink.
 """
 
 _GRAD_V3_DOC = """Gradient of ``npu_fusion_attention_v3``: ``(dq, dk, dv, dpse, dsink)``, with the
