@@ -1,45 +1,84 @@
-"""A ``torch_npu`` stand-in so unmodified torch_npu attention code runs on fascore.
+"""fascore's ``torch_npu`` stand-in: unmodified torch_npu code runs on CPU or CUDA (docs/torch_npu.md).
 
     import fascore.compat
-    fascore.compat.install_torch_npu_shim()   # before the code under test imports torch_npu
-    import torch_npu                          # the shim: torch_npu.npu_fusion_attention is fascore's
+    fascore.compat.install_torch_npu_shim(device="cpu")   # before the code imports torch_npu
+    import torch_npu                                       # the stand-in
+    x = torch.randn(2, 128, 8, 64).npu()                   # a CPU tensor; "npu" maps to the target
 
-or, for a whole script, without touching it::
+or, for a whole program, without touching it::
 
-    python -m fascore.compat train_step.py --its --own --args
-    fascore run train_step.py --its --own --args
+    fascore run train.py --its --own --args            # --device auto: cuda if available, else cpu
+    fascore run -m my_pkg.train ...
+    fascore run --nproc-per-node 2 train.py ...         # torchrun-style
+    python -m fascore.compat [--device cpu] train.py ...
 
-The shim module provides ``npu_fusion_attention``, ``npu_fusion_attention_v2``,
-``npu_fusion_attention_grad``, ``npu_fusion_attention_grad_v2`` (fascore's, same signatures and
-7-tuple) and ``npu_ring_attention_update`` (``fascore.ring_attention_update``). It is installed
-only when no real torch_npu can be imported: it never shadows one (``RuntimeError``).
+``install_torch_npu_shim()`` registers, and ``uninstall_torch_npu_shim()`` removes again:
 
-Out of scope: devices. ``tensor.npu()``, ``torch.npu.*``, ``device="npu"`` and the rest of
-torch_npu are not provided; use CPU or CUDA tensors (fascore computes on the inputs' device).
+* the ``torch_npu`` module tree (``fascore.compat.standin``): the FlashAttentionScore operators
+  (fascore's, torch_npu's signatures and returns), ``npu_ring_attention_update``, the
+  dropout-mask generators, ``torch_npu.testing.testcase``, ``torch_npu.contrib.transfer_to_npu``;
+* ``torch.ops.npu.*`` with torch_npu's schemas (``fascore.compat.npu_ops``);
+* replacements for MindSpeed's ``FusionAttentionV2OpBuilder`` / ``RingAttentionUpdateOpBuilder``
+  ``.load()`` (``fascore.compat.mindspeed``), now or when mindspeed is imported later;
+* with ``device="cpu" | "cuda" | "auto"`` only, the device mapping (``fascore.compat.devices``):
+  "npu" devices wherever PyTorch takes one, ``Tensor.npu()``, ``Tensor.is_npu``, ``torch.npu`` /
+  ``torch_npu.npu`` (``fascore.compat.npu``).
+
+Nothing is patched unless asked. A real torch_npu is never shadowed: installing raises
+``RuntimeError`` when one is imported or importable.
 """
 from __future__ import annotations
 
 import importlib.util
-import runpy
 import sys
 import types
-from typing import Any
+import warnings
+from typing import Any, Optional
 
 import fascore
 
-__all__ = ["install_torch_npu_shim", "uninstall_torch_npu_shim", "real_torch_npu_available", "run_script", "main",
-           "npu_ring_attention_update"]
+from ._patch import Patcher
+from .standin import SHIM_ATTR
 
-SHIM_ATTR = "__fascore_shim__"
+__all__ = ["install_torch_npu_shim", "uninstall_torch_npu_shim", "installed_device", "real_torch_npu_available",
+           "run_script", "run_module", "main", "npu_ring_attention_update", "SHIM_ATTR"]
 
 
 def npu_ring_attention_update(prev_attn_out: Any, prev_softmax_max: Any, prev_softmax_sum: Any, cur_attn_out: Any,
-                              cur_softmax_max: Any, cur_softmax_sum: Any, actual_seq_qlen: Any = None,
-                              layout: str = "SBH") -> Any:
-    """torch_npu's ``npu_ring_attention_update``: merges two partial attentions (ring attention)
-    with their softmax statistics; ``fascore.ring_attention_update`` (looked up at call time)."""
-    return fascore.ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum,
-              actual_seq_qlen=actual_seq_qlen, layout=layout)
+                              cur_softmax_max: Any, cur_softmax_sum: Any, *, actual_seq_qlen: Any = None,
+                              input_layout: str = "SBH", input_softmax_layout: str = "",
+                              layout: Optional[str] = None) -> Any:
+    """torch_npu's ``npu_ring_attention_update``: merges two partial attention results over disjoint
+    keys with their softmax statistics -> ``(attn_out, softmax_max, softmax_sum)``.
+
+    ``layout=`` (the old spelling of ``input_layout``) is accepted with a DeprecationWarning.
+    ``input_softmax_layout`` "" or "SBH" is the layout that goes with ``input_layout``; "TND" is
+    plain row-major [T, N, 8] statistics. fascore's implementation is looked up at call time.
+    """
+    if layout is not None:
+        warnings.warn("npu_ring_attention_update(layout=...) is deprecated: torch_npu spells it input_layout=",
+                      DeprecationWarning, stacklevel=2)
+        input_layout = layout
+    impl = getattr(fascore, "npu_ring_attention_update", None)
+    if impl is not None and impl is not npu_ring_attention_update:  # the distributed package's, when present
+        return impl(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max,
+                    cur_softmax_sum, actual_seq_qlen=actual_seq_qlen, input_layout=input_layout,
+                    input_softmax_layout=input_softmax_layout)
+    softmax_layout = "" if isinstance(input_softmax_layout, str) and input_softmax_layout.upper() == "SBH" \
+        else input_softmax_layout
+    return fascore.ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out,
+                                         cur_softmax_max, cur_softmax_sum, actual_seq_qlen=actual_seq_qlen,
+                                         layout=input_layout, softmax_layout=softmax_layout)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.patcher: Optional[Patcher] = None
+        self.mapping: Any = None
+        self.module: Optional[types.ModuleType] = None
+
+
+_state = _State()
 
 
 def _is_shim(mod: Any) -> bool:
@@ -57,16 +96,14 @@ def real_torch_npu_available() -> bool:
         return False
 
 
-def install_torch_npu_shim() -> types.ModuleType:
-    """Register a ``torch_npu`` module backed by fascore and return it (idempotent).
+def installed_device() -> Optional[str]:
+    """The device the stand-in maps "npu" to ("cpu" / "cuda"), or None (no mapping / not installed)."""
+    return None if _state.mapping is None else _state.mapping.type
 
-    Raises ``RuntimeError`` if a real torch_npu is imported or importable: the shim never
-    shadows it.
-    """
+
+def _refuse_real() -> None:
     mod = sys.modules.get("torch_npu")
-    if mod is not None:
-        if _is_shim(mod):
-            return mod
+    if mod is not None and not _is_shim(mod):
         raise RuntimeError(f"torch_npu is already imported from {getattr(mod, '__file__', '?')}: "
                            "fascore's shim will not shadow a real torch_npu")
     spec = None
@@ -77,46 +114,115 @@ def install_torch_npu_shim() -> types.ModuleType:
     if spec is not None:
         raise RuntimeError(f"torch_npu is installed ({spec.origin}): fascore's shim will not shadow a real "
                            "torch_npu; uninstall it or call fascore.npu_fusion_attention directly")
-    shim = types.ModuleType("torch_npu", "fascore's torch_npu shim (fascore.compat): FlashAttentionScore only")
-    shim.__file__ = __file__
-    shim.__version__ = f"fascore-{fascore.__version__}"
-    setattr(shim, SHIM_ATTR, True)
-    shim.npu_fusion_attention = fascore.npu_fusion_attention
-    shim.npu_fusion_attention_v2 = fascore.npu_fusion_attention_v2
-    shim.npu_fusion_attention_grad = fascore.npu_fusion_attention_grad
-    shim.npu_fusion_attention_grad_v2 = fascore.npu_fusion_attention_grad_v2
-    shim.npu_ring_attention_update = npu_ring_attention_update
-    sys.modules["torch_npu"] = shim
-    return shim
+
+
+def install_torch_npu_shim(device: Optional[str] = None) -> types.ModuleType:
+    """Install fascore's torch_npu stand-in and return the ``torch_npu`` module (idempotent).
+
+    ``device``: None (operators, ``torch.ops.npu``, MindSpeed builders only), or "cpu", "cuda",
+    "auto" (cuda if available, else cpu) to map the "npu" device too. Installing again with
+    another ``device`` raises ``RuntimeError`` (uninstall first). Raises ``RuntimeError`` if a real
+    torch_npu is imported or importable: the stand-in never shadows it.
+    """
+    from . import devices
+
+    target = None if device is None else devices.resolve_target(device)
+    if _state.module is not None:
+        if target is not None and target != installed_device():
+            raise RuntimeError(f"fascore's torch_npu stand-in is installed with device={installed_device()!r}; "
+                               f"call uninstall_torch_npu_shim() before installing it with device={device!r}")
+        return _state.module
+    _refuse_real()
+    patcher = Patcher()
+    try:
+        return _install(patcher, target)
+    except BaseException:
+        patcher.restore()
+        _state.patcher = _state.mapping = _state.module = None
+        raise
+
+
+def _install(patcher: Patcher, target: Optional[str]) -> types.ModuleType:
+    import torch
+
+    from . import mindspeed, npu_ops, standin
+    from .devices import DeviceMapping
+    from .npu import build_npu_module
+
+    _state.patcher = patcher
+    npu_module = None
+    if target is not None:
+        mapping = DeviceMapping(target)
+        mapping.install()
+        patcher.on_restore(mapping.uninstall)
+        _state.mapping = mapping
+        patcher.on_restore(lambda: setattr(_state, "mapping", None))
+        npu_module = build_npu_module(mapping)
+    modules, finder = standin.build(npu_module, npu_ring_attention_update)
+    for name, mod in modules.items():
+        patcher.setitem(sys.modules, name, mod)
+    sys.meta_path.insert(0, finder)
+    patcher.on_restore(lambda: sys.meta_path.remove(finder) if finder in sys.meta_path else None)
+    patcher.on_restore(lambda: sys.modules.pop("torch_npu.contrib.transfer_to_npu", None))
+    if npu_module is not None:
+        patcher.setattr(torch, "npu", npu_module)
+        patcher.setitem(sys.modules, "torch.npu", npu_module)
+        patcher.setitem(sys.modules, "torch.npu.amp", npu_module.amp)
+    npu_ops.register()
+    patcher.on_restore(npu_ops.unregister)
+    mindspeed.MindSpeedHook(patcher).install()
+    _state.module = modules["torch_npu"]
+    return _state.module
 
 
 def uninstall_torch_npu_shim() -> bool:
-    """Remove the shim from ``sys.modules`` (True if it was installed); a real torch_npu stays."""
-    mod = sys.modules.get("torch_npu")
-    if mod is not None and _is_shim(mod):
-        del sys.modules["torch_npu"]
-        return True
-    return False
+    """Undo everything ``install_torch_npu_shim`` did (True if it was installed); a real torch_npu
+    stays untouched."""
+    if _state.module is None:
+        mod = sys.modules.get("torch_npu")
+        if mod is not None and _is_shim(mod):  # installed by an older copy of this module
+            del sys.modules["torch_npu"]
+            return True
+        return False
+    patcher = _state.patcher
+    _state.patcher = _state.module = None
+    assert patcher is not None
+    patcher.restore()
+    return True
 
 
-def run_script(path: str, argv: list[str] | None = None) -> None:
-    """Run the Python file ``path`` as ``__main__`` with the shim installed (``sys.argv`` =
-    ``[path, *argv]``)."""
-    install_torch_npu_shim()
-    old = sys.argv
-    sys.argv = [path, *(argv or [])]
-    try:
-        runpy.run_path(path, run_name="__main__")
-    finally:
-        sys.argv = old
+def run_script(path: str, argv: Optional[list[str]] = None, *, device: str = "auto") -> int:
+    """Run the Python file ``path`` as ``__main__`` on the stand-in (``fascore.compat.runner``);
+    the exit code (1 after the script's own exception, reported on stderr)."""
+    from .runner import run_script as _run
+
+    return _run(path, argv, device=device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def run_module(name: str, argv: Optional[list[str]] = None, *, device: str = "auto") -> int:
+    """``python -m name`` on the stand-in; the exit code."""
+    from .runner import run_module as _run
+
+    return _run(name, argv, device=device)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m fascore.compat [options] (SCRIPT | -m MODULE) [ARGS...]`` (``runner.USAGE``)."""
+    from . import runner
+
+    args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m fascore.compat SCRIPT.py [ARGS...]\n\n"
-              "Runs SCRIPT.py with a torch_npu module backed by fascore (see fascore.compat).")
+        print(runner.USAGE)
         return 0 if args else 2
-    run_script(args[0], args[1:])
-    return 0
-
+    try:
+        cfg = runner.parse_args(args)
+    except ValueError as e:
+        print(f"fascore.compat: {e}\n\n{runner.USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return runner.run(cfg)
+    except RuntimeError as e:
+        if "shadow" in str(e):
+            print(f"fascore.compat: {e}", file=sys.stderr)
+            return 2
+        raise

@@ -1,0 +1,63 @@
+"""Reversible attribute and dict patches: every change the stand-in makes is recorded here and
+undone, in reverse order, by ``Patcher.restore`` (``uninstall_torch_npu_shim``)."""
+from __future__ import annotations
+
+from typing import Any, Callable, MutableMapping
+
+__all__ = ["Patcher"]
+
+_MISSING = object()
+
+
+class Patcher:
+    """Sets attributes / mapping items and remembers what was there before."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._undo)
+
+    def setattr(self, owner: Any, name: str, value: Any) -> Any:
+        """``owner.name = value``; restore puts back the previous value (or removes the attribute
+        when ``owner`` did not define it itself, so an inherited one shows through again)."""
+        own = owner.__dict__ if isinstance(owner, type) else getattr(owner, "__dict__", {})
+        old = own.get(name, _MISSING)
+        setattr(owner, name, value)
+
+        def undo() -> None:
+            if old is _MISSING:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(owner, name, old)
+        self._undo.append(undo)
+        return value
+
+    def setitem(self, mapping: MutableMapping, key: Any, value: Any) -> Any:
+        old = mapping.get(key, _MISSING)
+        mapping[key] = value
+
+        def undo() -> None:
+            if old is _MISSING:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = old
+        self._undo.append(undo)
+        return value
+
+    def on_restore(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when restoring (for changes that are not an attribute or an item)."""
+        self._undo.append(fn)
+
+    def restore(self) -> None:
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as e:  # keep restoring the rest
+                errors.append(e)
+        if errors:
+            raise RuntimeError(f"fascore.compat: {len(errors)} patch(es) could not be undone: {errors[0]!r}")
