@@ -3,7 +3,7 @@
     fascore check [--device cpu|cuda] [--quick]   conformance run against the float64 reference
     fascore bench [--quick] [--out DIR]           benchmark matrix: CSV, PNG plots, summary table
     fascore demo                                  the operator in its main modes, timed and checked
-    fascore run SCRIPT.py [ARGS...]               an unmodified torch_npu script on fascore (shim)
+    fascore run [OPTIONS] SCRIPT.py [ARGS...]     an unmodified torch_npu program on fascore (stand-in)
     fascore info                                  versions, engines, devices, matmul path
 """
 from __future__ import annotations
@@ -213,23 +213,41 @@ def demo() -> None:
 
 
 # --------------------------------------------------------------------------- run (torch_npu shim)
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run(ctx: typer.Context, script: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                                         help="A Python script that imports torch_npu.")) -> None:
-    """Run an unmodified torch_npu script with fascore's torch_npu shim (extra arguments go to it).
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False, "help_option_names": []})
+def run(ctx: typer.Context) -> None:
+    """Run an unmodified torch_npu program on fascore's torch_npu stand-in.
 
-    Only the attention ops are provided (npu_fusion_attention[_v2], npu_fusion_attention_grad,
-    npu_ring_attention_update); .npu() and device handling are not: use CPU or CUDA tensors.
+    fascore run [--device auto|cpu|cuda] [--capture DIR] [--capture-sample N|F]
+                [--nproc-per-node N] (SCRIPT | -m MODULE) [ARGS...]
+
+    The "npu" device maps to --device (auto: cuda if available, else cpu); torch_npu's attention
+    operators, torch.npu, Tensor.npu(), torch.ops.npu.* and MindSpeed's fused-op builders are
+    fascore's (docs/torch_npu.md). --capture records every FlashAttentionScore call into a replay
+    bundle for `fascore compare` (--capture-sample: every N-th call, or a fraction F);
+    --nproc-per-node launches N processes as torchrun --standalone does. Options go before the
+    program; everything after it is the program's own. The program's exceptions are reported
+    with its own frames (exit code 1).
     """
-    from fascore import compat
+    from fascore.compat import runner
 
+    args = list(ctx.args)
+    if not args or args[0] in ("-h", "--help"):
+        console.print(runner.USAGE.replace("python -m fascore.compat", "fascore run"))
+        raise typer.Exit(0 if args else 2)
     try:
-        compat.run_script(str(script), list(ctx.args))
+        cfg = runner.parse_args(args)
+    except ValueError as e:
+        console.print(f"[red]fascore run: {e}[/red]")
+        raise typer.Exit(2) from e
+    try:
+        code = runner.run(cfg)
     except RuntimeError as e:
-        if "shadow" in str(e):
+        if "shadow" in str(e) or "CUDA is not available" in str(e):
             console.print(f"[red]{e}[/red]")
             raise typer.Exit(2) from e
         raise
+    raise typer.Exit(code)
 
 
 # --------------------------------------------------------------------------- info
