@@ -17,6 +17,7 @@ from . import aclnn  # noqa: E402  (after the API it wraps)
 from . import distributed  # noqa: E402
 from .distributed import ring_attention_update  # noqa: E402
 from .tools.capture import capture  # noqa: E402
+from .api.attention import attention  # noqa: E402  (flash-attn / SDPA conventions over v2)
 
 __all__ = [
     "npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_v3", "npu_fusion_attention_grad",
@@ -24,6 +25,6 @@ __all__ = [
     "_npu_dropout_gen_mask", "npu_dropout_gen_mask", "manual_seed", "capture", "FlashAttentionError",
     "ACLNN_SUCCESS", "ACLNN_ERR_PARAM_NULLPTR", "ACLNN_ERR_PARAM_INVALID", "ACLNN_ERR_RUNTIME_ERROR",
     "aclnn", "distributed", "use_engine", "set_default_engine", "available_engines", "current_engine_name",
-    "register_engine", "unregister_engine",
+    "register_engine", "unregister_engine", "attention",
 ]
 __version__ = "0.1.0"
