@@ -120,6 +120,9 @@ def workspace_bytes(seg, prob, backward: bool) -> int:
     if not backward:
         return scratch + summary + 4 * b * n1 * sq * (r8(dv) + 2)
     grads = 4 * (b * n1 * sq * r8(d) + b * n2 * skv * (r8(d) + r8(dv)) + 3 * b * n1 * sq)
+    shared = seg.pse is not None and hasattr(seg.pse, "t") and not isinstance(seg.pse, _adapter.DensePse)
+    chunks = int(ext.bwd_chunks(b, n1, n2, sq, skv, bk, d, shared))
+    grads += 4 * (chunks - 1) * b * n1 * sq * r8(d)  # dQ partials of key chunks
     dpse = 0
     if seg.pse is not None and hasattr(seg.pse, "t") and seg.pse.t.shape[0] == 1 and b > 1:
         dpse = 4 * b * seg.pse.t[0].numel()

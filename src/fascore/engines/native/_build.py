@@ -71,6 +71,7 @@ class Extension:
         self.scratch_bytes = ops.scratch_bytes
         self.num_threads = ops.num_threads
         self.set_min_work = ops.set_min_work
+        self.bwd_chunks = ops.bwd_chunks
 
 
 def _load_built(name: str, path: Path) -> Extension:

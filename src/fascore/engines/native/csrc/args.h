@@ -84,10 +84,31 @@ struct Args {
   float* rrow = nullptr;
   float* mrow = nullptr;
   float* ilrow = nullptr;
+  // Key chunks per (b, kv head) in the backward (bwd_chunks) and the dQ partials of chunks 1.. :
+  // [nchunk - 1, B, N1, Sq, Dp], zeroed, summed into dq in chunk order after the pass.
+  int64_t nchunk = 1;
+  float* dq_part = nullptr;
 
   ParallelFn parallel = nullptr;
   int64_t nthreads = 1;
   double min_macs = 16.0e6;  // start one more thread per this many multiply-adds (0: all threads)
 };
+
+// Backward work items are (b, kv head, key chunk). Few (b, kv head) pairs would leave threads
+// idle, so each head's key blocks are split into chunks, chosen from the shape only (never from
+// the thread count: the bits do not depend on it). Chunks > 0 accumulate dQ in their own buffer.
+// A compressed pse's gradient entries are shared by many key blocks: no split then.
+static inline int64_t bwd_chunks(int64_t B, int64_t N1, int64_t N2, int64_t Sq, int64_t Skv, int64_t bk, int64_t Dp,
+                                 bool shared_dpse) {
+  const int64_t pairs = B * N2, nk = bk > 0 ? (Skv + bk - 1) / bk : 0;
+  if (shared_dpse || pairs <= 0 || nk <= 1) return 1;
+  const int64_t target = 32;  // work items wanted
+  int64_t c = (target + pairs - 1) / pairs;
+  c = c < nk ? c : nk;
+  const double part = 4.0 * (double)B * N1 * Sq * Dp;  // bytes of one dQ partial
+  const double cap = 256.0 * 1024 * 1024;
+  while (c > 1 && (c - 1) * part > cap) --c;
+  return c < 1 ? 1 : c;
+}
 
 }  // namespace fascore_native

@@ -866,7 +866,9 @@ static size_t bwd_scratch_bytes(const Args& a, int64_t bkp) {
 static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
   const Args& a = *F.a;
   const Plan& P = F.plan;
-  const int64_t n2 = it % a.N2, b = it / a.N2;
+  const int64_t chunk = it % a.nchunk, n2 = (it / a.nchunk) % a.N2, b = it / (a.nchunk * a.N2);
+  const int64_t kb0 = chunk * P.nk / a.nchunk, kb1 = (chunk + 1) * P.nk / a.nchunk;
+  float* dq = chunk == 0 ? a.dq : a.dq_part + (chunk - 1) * (a.B * a.N1 * a.Sq * a.Dp);
   const int64_t Dp = a.Dp, Dvp = a.Dvp, bkp = F.bkp, D = a.D, Dv = a.Dv, G = a.G;
   // Every tile has at most kSmallM rows: S and dP by dot products (float32 rows), no packing.
   const bool small = G * std::min(P.bq, a.Sq) <= kSmallM;
@@ -876,7 +878,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
   const bool drop = a.drop != DROP_NONE;
   const float zf = drop ? 1.0f / a.keep_prob : 1.0f;
   const vf vzf = vset1(zf), vsc = vset1(a.scale);
-  for (int64_t kb = 0; kb < P.nk; ++kb) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * P.bk, nc = std::min(P.bk, a.Skv - j0), ncp = rup(nc, 16);
     float* dkout = a.dk + ((b * a.N2 + n2) * a.Skv + j0) * Dp;
     float* dvout = a.dv + ((b * a.N2 + n2) * a.Skv + j0) * Dvp;
@@ -992,7 +994,7 @@ static void bwd_item(const Bwd& F, int64_t it, BwdBuf& w) {
       // dQ += dS K (per head: dQ rows of different heads are not equally spaced)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t n1 = n2 * G + g;
-        float* dqrow = a.dq + ((b * a.N1 + n1) * a.Sq + i0) * Dp;
+        float* dqrow = dq + ((b * a.N1 + n1) * a.Sq + i0) * Dp;
         gemm_dt<true, false>(kdt, nr, Dp, nc, w.dp + g * nr * bkp, bkp, 1, kB, 16, kld, dqrow, Dp, nullptr);
       }
       // dK += dS^T Q
@@ -1022,6 +1024,22 @@ static void bwd_body(void* ctx, int64_t begin, int64_t end) {
   }
 }
 
+struct DqSum {
+  const Args* a;
+};
+static void dqsum_body(void* ctx, int64_t begin, int64_t end) {
+  const Args& a = *static_cast<const DqSum*>(ctx)->a;
+  const int64_t Dp = a.Dp, stride = a.B * a.N1 * a.Sq * Dp;
+  for (int64_t r = begin; r < end; ++r) {
+    float* d = a.dq + r * Dp;
+    for (int64_t c = 0; c < Dp; c += 8) {
+      vf x = vld(d + c);
+      for (int64_t p = 0; p + 1 < a.nchunk; ++p) x = vadd(x, vld(a.dq_part + p * stride + r * Dp + c));
+      vst(d + c, x);
+    }
+  }
+}
+
 int backward(const Args& a) {
   g_alloc_failed.store(0);
   RowPass rp{&a};
@@ -1039,10 +1057,15 @@ int backward(const Args& a) {
   uint8_t* ex = make_exsum(a, a.bq, a.bk, F.plan.nq, F.plan.nk);
   if (a.ex && F.plan.nq && F.plan.nk && !ex) return 1;
   F.plan.exsum = ex;
-  F.work.n = a.B * a.N2;
+  F.work.n = a.B * a.N2 * a.nchunk;
   const double macs = 2.5 * (double)a.B * a.N1 * a.Sq * a.Skv * (a.D + a.Dv);
   if (F.work.n > 0 && F.plan.nk > 0) a.parallel(threads_for(a, macs, F.work.n), &F, bwd_body);
   std::free(ex);
+  if (a.nchunk > 1 && !g_alloc_failed.load()) {  // dq += partials, in chunk order
+    DqSum s{&a};
+    const int64_t rows = a.B * a.N1 * a.Sq;
+    run_static(a, 4.0 * rows * a.Dp * (a.nchunk - 1), rows, &s, dqsum_body);
+  }
   return g_alloc_failed.load();
 }
 

@@ -255,6 +255,14 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
       a.dpB = a.Bp;
     }
   }
+  a.nchunk = fascore_native::bwd_chunks(a.B, a.N1, a.N2, a.Sq, a.Skv, a.bk, a.Dp,
+                                       a.pse_kind == fascore_native::PSE_COMP ||
+                                           a.pse_kind == fascore_native::PSE_COMP_TND);
+  at::Tensor dq_part;
+  if (a.nchunk > 1) {
+    dq_part = at::zeros({a.nchunk - 1, a.B, a.N1, a.Sq, a.Dp}, f32);
+    a.dq_part = dq_part.data_ptr<float>();
+  }
   TORCH_CHECK(run(a, true) == 0, "fascore native engine: out of memory for scratch buffers");
   if (tmp.defined()) {
     const at::Tensor& g = *dpse;
@@ -317,6 +325,11 @@ int64_t scratch_bytes(int64_t G, int64_t bq, int64_t bk, int64_t D, int64_t Dv, 
 
 int64_t num_threads() { return at::get_num_threads(); }
 
+// Key chunks of the backward for this shape (workspace estimates).
+int64_t bwd_chunks(int64_t B, int64_t N1, int64_t N2, int64_t Sq, int64_t Skv, int64_t bk, int64_t D, bool shared_dpse) {
+  return fascore_native::bwd_chunks(B, N1, N2, Sq, Skv, bk, r8(D), shared_dpse);
+}
+
 // Work (multiply-adds) per thread below which fewer threads start; 0: always all (tests).
 double set_min_work(double macs) {
   const double old = g_min_macs;
@@ -337,4 +350,5 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("scratch_bytes(int G, int bq, int bk, int D, int Dv, bool bwd) -> int", &scratch_bytes);
   m.def("num_threads() -> int", &num_threads);
   m.def("set_min_work(float macs) -> float", &set_min_work);
+  m.def("bwd_chunks(int B, int N1, int N2, int Sq, int Skv, int bk, int D, bool shared_dpse) -> int", &bwd_chunks);
 }
