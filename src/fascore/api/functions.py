@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import lint
+from ..errors import invalid
 from ..params import ENTRY_POINTS, REQUIRED, EntryPoint
 from ..spec import build_problem, check_grad_inputs, check_numels, problem_args
 from . import ops
@@ -29,7 +30,37 @@ def _as_int(t: Any) -> Any:
     return int(t.reshape(-1)[0]) if isinstance(t, Tensor) else (0 if t is None else t)
 
 
+_V3_TENSORS = ("actual_seq_qlen", "actual_seq_kvlen", "seed", "offset")
+
+
+def _v3_traced(ep: EntryPoint, kw: dict[str, Any]) -> dict[str, Any]:
+    """v3 / grad_v3 on fake tensors: their tensor arguments cannot be read there.
+
+    Under ``FakeTensorMode`` only shapes are computed, and none depends on the sequence lengths'
+    or seed's values (v3 returns no numels), so fake lengths become the placeholders [T1] / [T2]
+    and a fake seed / offset 0. Under torch.compile they would have to be read inside the graph,
+    which fascore's custom ops (int lists, int seed) cannot do: that is an error.
+    """
+    if not ops.use_ops_traced(kw["query"]):
+        return kw
+    given = [n for n in _V3_TENSORS if isinstance(kw.get(n), Tensor)]
+    if given and torch.compiler.is_compiling():
+        raise invalid(f"{', '.join(given)} as tensors under torch.compile: fascore's custom ops take sequence "
+                      f"lengths as Python lists and seed/offset as ints; call {ep.name} with lists (or outside the "
+                      "compiled region)")
+    out = dict(kw)
+    for n in given:
+        if ops._is_fake(kw[n]):
+            if n in ("seed", "offset"):
+                out[n] = 0
+            else:
+                out[n] = [kw["query" if n == "actual_seq_qlen" else "key"].shape[0]]
+    return out
+
+
 def _forward(ep: EntryPoint, kw: dict[str, Any]) -> tuple:
+    if ep.name == "npu_fusion_attention_v3":
+        kw = _v3_traced(ep, kw)
     if ops.use_ops(kw["query"]):  # torch.compile / fake tensors: the custom op
         res = ops.attention(ep, kw)
     else:
@@ -48,6 +79,7 @@ def _forward(ep: EntryPoint, kw: dict[str, Any]) -> tuple:
 
 def _grad(ep: EntryPoint, kw: dict[str, Any]) -> tuple:
     if ep.name == "npu_fusion_attention_grad_v3":
+        kw = _v3_traced(ep, kw)
         kw = dict(kw, seed=_as_int(kw["seed"]), offset=_as_int(kw["offset"]))
     if ops.use_ops(kw["query"]):  # torch.compile / fake tensors: the custom op
         g = ops.grad(ep, kw)
