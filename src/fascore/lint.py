@@ -272,6 +272,11 @@ def _check_mask(prob: Any, kw: dict[str, Any], nm: Names, lvl: str) -> None:
         _mask_cache[id(mask)] = (weakref.ref(mask), stamp, reason)
     if reason is not None:
         am = nm["atten_mask"]
+        if am.startswith("attn_mask"):  # fascore.attention: its attn_mask is SDPA's, and the operator got ~attn_mask
+            _emit("keep-mask", f"attn_mask is read in SDPA's polarity (True = attend), and ~attn_mask, the operator's "
+                               f"mask, looks like a keep-mask: {reason}. attn_mask looks like an Ascend-style mask "
+                               "(True = masked out): pass its complement", lvl)
+            return
         _emit("keep-mask", f"{am} looks like a keep-mask (True = attend, SDPA's polarity): {reason}. fascore, "
                            f"like Ascend, masks where True: pass ~{am} (or, for causal / band patterns, the "
                            f"compressed mask with {nm['sparse_mode']}=2, 3 or 4)", lvl)
