@@ -31,5 +31,6 @@ class NativeEngine(ModuleEngine):
     def extra_reasons(self, prob: Problem, backward: bool) -> list[str]:
         seen: list[str] = []
         for seg in prob.segments:
-            seen += [r for r in self.implementation().not_supported_reasons(seg, prob) if r not in seen]
+            seen += [r for r in self.implementation().not_supported_reasons(seg, prob)
+                     if r not in seen and not r.startswith(("device ", "dtype "))]  # the base class says those
         return seen
