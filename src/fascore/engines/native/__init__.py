@@ -27,7 +27,7 @@ __all__ = ["NativeEngine", "available", "build", "status", "not_supported_reason
            "workspace_bytes", "config"]
 
 # Tile sizes (query rows per head, keys); None = chosen per problem. Tests force tiny tiles here
-# or through the flash engine's ``kernels.config["tiles"]``.
+# or through the flash engine's ``config.config["tiles"]`` (fascore.engines.flash).
 config: dict = {"tiles": None, "bwd_tiles": None}
 
 _FWD_ROWS = 64  # target rows (G heads x query rows) of a forward work item
