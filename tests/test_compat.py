@@ -15,8 +15,8 @@ from conftest import CAUSAL_MASK, assert_within_rule
 from oracle import attention_oracle
 
 # A script as a torch_npu user writes it (MindSpeed's FlashSelfAttention, a custom autograd pair
-# with the explicit grad op, packed TND sequences, ring-attention merging). It is run unmodified,
-# except that its tensors live on the CPU: .npu() / device handling is out of scope.
+# with the explicit grad op, packed TND sequences, ring-attention merging), run unmodified with
+# CPU tensors (tests/test_dropin.py runs scripts with .npu() and NPU device strings).
 NPU_SCRIPT = textwrap.dedent('''
     import math
     import sys
@@ -191,8 +191,9 @@ def test_install_is_idempotent_and_uninstalls(no_torch_npu):
     assert compat.install_torch_npu_shim() is shim
     import torch_npu
     assert torch_npu is shim and torch_npu.npu_fusion_attention is fascore.npu_fusion_attention
-    for name in ("npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_grad",
-                 "npu_ring_attention_update"):
+    for name in ("npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_v3",
+                 "npu_fusion_attention_grad", "npu_fusion_attention_grad_v2", "npu_fusion_attention_grad_v3",
+                 "npu_ring_attention_update", "_npu_dropout_gen_mask", "npu_dropout_gen_mask"):
         assert callable(getattr(torch_npu, name))
     assert compat.uninstall_torch_npu_shim() and "torch_npu" not in sys.modules
     assert not compat.uninstall_torch_npu_shim()
@@ -218,10 +219,8 @@ def test_refuses_to_shadow_an_imported_torch_npu(no_torch_npu, monkeypatch):
     assert sys.modules["torch_npu"] is real and not compat.uninstall_torch_npu_shim()
 
 
-def test_ring_update_is_looked_up_at_call_time(no_torch_npu, monkeypatch):
+def test_ring_update_is_torch_npus(no_torch_npu):
     shim = compat.install_torch_npu_shim()
-    calls = []
-    monkeypatch.setattr(fascore, "ring_attention_update", lambda *a, **k: calls.append((len(a), k)) or "merged",
-                        raising=False)
-    assert shim.npu_ring_attention_update(1, 2, 3, 4, 5, 6, layout="BSND") == "merged"
-    assert calls == [(6, {"actual_seq_qlen": None, "layout": "BSND"})]
+    assert shim.npu_ring_attention_update is fascore.npu_ring_attention_update
+    with pytest.raises(TypeError):  # torch_npu's actual_seq_qlen / input_layout are keyword-only
+        shim.npu_ring_attention_update(*([torch.zeros(1)] * 6), None, "SBH")

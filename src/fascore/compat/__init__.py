@@ -32,43 +32,16 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-import warnings
 from typing import Any, Optional
 
 import fascore
+from fascore import npu_ring_attention_update  # torch_npu's keywords (fascore.distributed.merge)
 
 from ._patch import Patcher
 from .standin import SHIM_ATTR
 
 __all__ = ["install_torch_npu_shim", "uninstall_torch_npu_shim", "installed_device", "real_torch_npu_available",
            "run_script", "run_module", "main", "npu_ring_attention_update", "SHIM_ATTR"]
-
-
-def npu_ring_attention_update(prev_attn_out: Any, prev_softmax_max: Any, prev_softmax_sum: Any, cur_attn_out: Any,
-                              cur_softmax_max: Any, cur_softmax_sum: Any, *, actual_seq_qlen: Any = None,
-                              input_layout: str = "SBH", input_softmax_layout: str = "",
-                              layout: Optional[str] = None) -> Any:
-    """torch_npu's ``npu_ring_attention_update``: merges two partial attention results over disjoint
-    keys with their softmax statistics -> ``(attn_out, softmax_max, softmax_sum)``.
-
-    ``layout=`` (the old spelling of ``input_layout``) is accepted with a DeprecationWarning.
-    ``input_softmax_layout`` "" or "SBH" is the layout that goes with ``input_layout``; "TND" is
-    plain row-major [T, N, 8] statistics. fascore's implementation is looked up at call time.
-    """
-    if layout is not None:
-        warnings.warn("npu_ring_attention_update(layout=...) is deprecated: torch_npu spells it input_layout=",
-                      DeprecationWarning, stacklevel=2)
-        input_layout = layout
-    impl = getattr(fascore, "npu_ring_attention_update", None)
-    if impl is not None and impl is not npu_ring_attention_update:  # the distributed package's, when present
-        return impl(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max,
-                    cur_softmax_sum, actual_seq_qlen=actual_seq_qlen, input_layout=input_layout,
-                    input_softmax_layout=input_softmax_layout)
-    softmax_layout = "" if isinstance(input_softmax_layout, str) and input_softmax_layout.upper() == "SBH" \
-        else input_softmax_layout
-    return fascore.ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out,
-                                         cur_softmax_max, cur_softmax_sum, actual_seq_qlen=actual_seq_qlen,
-                                         layout=input_layout, softmax_layout=softmax_layout)
 
 
 class _State:
@@ -158,7 +131,7 @@ def _install(patcher: Patcher, target: Optional[str]) -> types.ModuleType:
         _state.mapping = mapping
         patcher.on_restore(lambda: setattr(_state, "mapping", None))
         npu_module = build_npu_module(mapping)
-    modules, finder = standin.build(npu_module, npu_ring_attention_update)
+    modules, finder = standin.build(npu_module, fascore.npu_ring_attention_update)
     for name, mod in modules.items():
         patcher.setitem(sys.modules, name, mod)
     sys.meta_path.insert(0, finder)

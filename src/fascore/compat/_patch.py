@@ -2,7 +2,8 @@
 undone, in reverse order, by ``Patcher.restore`` (``uninstall_torch_npu_shim``)."""
 from __future__ import annotations
 
-from typing import Any, Callable, MutableMapping
+import contextlib
+from typing import Any, Callable, Iterator, MutableMapping
 
 __all__ = ["Patcher"]
 
@@ -14,6 +15,7 @@ class Patcher:
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
+        self._attrs: list[tuple[Any, str, Any, Any]] = []  # (owner, name, old, new) of setattr
 
     def __len__(self) -> int:
         return len(self._undo)
@@ -24,6 +26,7 @@ class Patcher:
         own = owner.__dict__ if isinstance(owner, type) else getattr(owner, "__dict__", {})
         old = own.get(name, _MISSING)
         setattr(owner, name, value)
+        self._attrs.append((owner, name, old, value))
 
         def undo() -> None:
             if old is _MISSING:
@@ -47,6 +50,24 @@ class Patcher:
                 mapping[key] = old
         self._undo.append(undo)
         return value
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The original attributes for the duration of the block (the patches come back after)."""
+        done = []
+        try:
+            for owner, name, old, new in reversed(self._attrs):
+                if getattr(owner, name, _MISSING) is not new:
+                    continue
+                if old is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, old)
+                done.append((owner, name, new))
+            yield
+        finally:
+            for owner, name, new in reversed(done):
+                setattr(owner, name, new)
 
     def on_restore(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when restoring (for changes that are not an attribute or an item)."""

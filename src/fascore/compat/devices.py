@@ -27,7 +27,9 @@ live on the target, so the type is "cpu" or "cuda"), NPU-only memory formats.
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import re
+import sys
 from typing import Any, Callable
 
 import torch
@@ -93,6 +95,69 @@ def _proxy_class(real: type, name: str, call: Callable[..., Any]) -> type:
     proxy = _Meta(name, (), {"__doc__": real.__doc__, "__module__": real.__module__,
                              "__qualname__": real.__qualname__, "__fascore_proxy_of__": real})
     return proxy
+
+
+class _DynamoPrimer(importlib.abc.MetaPathFinder):
+    """torch.compile builds its tables of torch functions (``trace_rules``) once, from the ``torch``
+    namespace as it is at that moment. Built while the wrappers are installed, they would hold the
+    wrappers instead of PyTorch's functions, and compiled code would stop recognising the real
+    ones (after an uninstall, or inside a wrapper). So the tables are built with the patches paused:
+    now if Dynamo is loaded, else right after ``torch._dynamo`` is imported."""
+
+    def __init__(self, patcher: Patcher) -> None:
+        self._patcher = patcher
+
+    @classmethod
+    def watch(cls, patcher: Patcher) -> Callable[[], None]:
+        if "torch._dynamo" in sys.modules:
+            _prime_dynamo()
+            return lambda: None
+        hook = cls(patcher)
+        sys.meta_path.insert(0, hook)
+        return lambda: sys.meta_path.remove(hook) if hook in sys.meta_path else None
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "torch._dynamo":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PrimingLoader(spec.loader, self._patcher)
+                return spec
+        return None
+
+
+class _PrimingLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, patcher: Patcher) -> None:
+        self._loader, self._patcher = loader, patcher
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        with self._patcher.paused():
+            self._loader.exec_module(module)
+            _prime_dynamo()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def _prime_dynamo() -> None:
+    """Build Dynamo's lazily built tables of torch functions and classes (best effort)."""
+    try:
+        from torch._dynamo import trace_rules
+        from torch._dynamo.variables.user_defined import UserDefinedClassVariable
+
+        trace_rules.get_torch_obj_rule_map()
+        trace_rules.get_tensor_method()
+        UserDefinedClassVariable._constant_fold_classes()
+        UserDefinedClassVariable._in_graph_classes()
+    except Exception:  # a torch without these internals: nothing to prime
+        pass
 
 
 class DeviceMapping:
@@ -267,6 +332,7 @@ class DeviceMapping:
     def install(self) -> None:
         if self.installed:
             return
+        self._patcher.on_restore(_DynamoPrimer.watch(self._patcher))
         p, mapping = self._patcher, self
         p.setattr(torch, "device", _proxy_class(self.real_device, "device", self._new_device))
         p.setattr(torch, "Generator", _proxy_class(
