@@ -112,6 +112,9 @@ CORRECT_MASKS = {  # Ascend polarity (True = masked out): silent
     "everything masked": lambda sq, skv: torch.ones(sq, skv, dtype=torch.bool),
     "nothing masked": lambda sq, skv: torch.zeros(sq, skv, dtype=torch.bool),
     "random": lambda sq, skv: torch.rand(sq, skv, generator=torch.Generator().manual_seed(1)) < 0.3,
+    "dense random": lambda sq, skv: torch.rand(sq, skv, generator=torch.Generator().manual_seed(2)) < 0.9,
+    "dense random rows": lambda sq, skv: (torch.rand(1, skv, generator=torch.Generator().manual_seed(3)) < 0.9)
+    .expand(sq, skv),
 }
 
 
@@ -295,3 +298,19 @@ def test_fascore_lint_env_in_a_fresh_process():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["LintError", "161002"]
+
+
+def test_random_masks_are_not_taken_for_keep_masks():
+    """Random masks of every density (the fuzz tests' kind) at small sizes, where a diagonal is
+    often fully masked by chance: no verdict (the keep-mask shape check rejects them)."""
+    g = torch.Generator().manual_seed(7)
+    fired = []
+    for trial in range(400):
+        sq, skv = (int(x) for x in torch.randint(2, 41, (2,), generator=g))
+        p = (0.2, 0.5, 0.9, 0.97)[trial % 4]
+        m = torch.rand(sq, skv, generator=g) < p
+        if trial % 3 == 0:
+            m = m[:1].expand(sq, skv)
+        if lint.keep_mask_reason(m) is not None:
+            fired.append((sq, skv, p))
+    assert fired == []

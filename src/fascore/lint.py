@@ -224,12 +224,29 @@ def keep_mask_reason(m: Tensor) -> str | None:
             return (f"it masks exactly a band around the diagonal ({lo} <= j - i <= {hi}), the complement of "
                     "a band (sliding-window) mask")
         return None  # a causal / band mask in Ascend's polarity
-    if tl and br:
-        sample = mb[_rows(sq).to(mb.device)]
-        if bool(sample.all()) and (sq * skv > _EXACT_MAX or bool(mb.all())):
-            return None
+    if tl and br and min(sq, skv) >= 4 and _keep_shaped(mb):
         return "it masks every element of the diagonal while other positions take part"
     return None
+
+
+def _keep_shaped(m: Tensor) -> bool:
+    """The sampled rows of the 2-D bool ``m`` are what keep-masks' rows are (causal, band, padding,
+    block-diagonal documents): one interval of True each, whose ends never move left from one row
+    to the next, and not all of ``m`` True. Random masks almost never are."""
+    sq, skv = m.shape
+    rows = m[_rows(sq).to(m.device)].cpu()
+    cnt = rows.sum(1)
+    first = rows.int().argmax(1)
+    last = skv - 1 - rows.flip(1).int().argmax(1)
+    live = cnt > 0
+    if not bool((cnt[live] == (last - first + 1)[live]).all()):
+        return False
+    f, la = first[live], last[live]
+    if f.numel() > 1 and not (bool((f[1:] >= f[:-1]).all()) and bool((la[1:] >= la[:-1]).all())):
+        return False
+    if bool(rows.all()):
+        return sq * skv <= _EXACT_MAX and not bool(m.all())
+    return True
 
 
 def _mask_slices(mask: Tensor) -> Iterator[Tensor]:
@@ -304,7 +321,7 @@ def _check_lengths(prob: Any, kw: dict[str, Any], nm: Names, lvl: str, strict: b
         if last >= total:
             continue
         n = nm[name]
-        if len(body) >= 2 and sum(body) <= total:
+        if len(body) >= 2 and last < sum(body) <= total:  # read as lengths, they would cover more rows
             _emit("seq-lens", f"{n}={body if len(body) <= 8 else body[:8] + ['...']} ends at {last}, leaving rows "
                               f"{last}..{total - 1} of {nm[tensor]} ({tname}={total}) uncovered (they come out as "
                               f"zeros), and its entries add up to {sum(body)} <= {tname}: they look like per-sequence "

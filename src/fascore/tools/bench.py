@@ -1,12 +1,14 @@
 """``fascore bench``: the flash engine against PyTorch's SDPA and naive attention over sequence lengths.
 
 For each mask (dense, causal) x sequence length x implementation x pass (fwd, fwd+bwd) it times
-the median of ``repeat`` runs after a warm-up, and measures the warm-up's peak memory above what
+the median (and the min and max) of ``repeat`` runs after a warm-up, and measures the warm-up's peak memory above what
 was in use before it (CPU: peak RSS, see ``PeakMemory``; CUDA: ``torch.cuda.max_memory_allocated``).
 It writes
 
-* ``bench.csv``: one row per measurement (seconds, dense and effective GFLOP/s, peak MiB),
-* ``time.png``, ``gflops.png``, ``memory.png``: one line per implementation, log-log axes,
+* ``bench.csv``: one row per measurement (median, min and max seconds, dense and effective GFLOP/s
+  of the median, peak MiB),
+* ``time.png``, ``gflops.png``: one line per implementation (the median) with a shaded min-max band
+  over the repeats, log-log axes; ``memory.png``,
 * ``machine.json``: the machine, threads, torch version and the matmul path,
 
 and returns the rows for a summary table. GFLOP/s count 4*B*N*Sq*Skv*D per forward (3.5x for
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 import fascore
 from fascore.engines.flash import config as kernels
 
-__all__ = ["Config", "quick_config", "full_config", "run", "plot", "summary", "write_csv", "read_csv", "machine_info"]
+__all__ = ["Config", "quick_config", "full_config", "run", "plot", "summary", "write_csv", "read_csv", "machine_info",
+           "timed", "timed_spread"]
 
 IMPLS = ("fascore", "sdpa", "naive")
 PASSES = ("fwd", "fwd+bwd")
@@ -92,10 +95,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], repeat: int, device: torch.device,
-          peak: PeakMemory | None = None) -> tuple[float, float | None]:
-    """(median seconds of ``repeat`` runs, peak MiB of the warm-up run)."""
-    mib = peak.measure(fn) if peak is not None else fn()
+def timed_spread(fn: Callable[[], object], repeat: int, device: torch.device,
+                 peak: PeakMemory | None = None) -> tuple[float, float, float, float | None]:
+    """(median, min, max seconds of ``repeat`` runs, peak MiB of the warm-up run)."""
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat}: must be >= 1")
+    mib = peak.measure(fn) if peak is not None else None
+    if peak is None:
+        fn()
     _sync(device)
     ts = []
     for _ in range(repeat):
@@ -103,7 +110,14 @@ def timed(fn: Callable[[], object], repeat: int, device: torch.device,
         fn()
         _sync(device)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), mib
+    return statistics.median(ts), min(ts), max(ts), mib
+
+
+def timed(fn: Callable[[], object], repeat: int, device: torch.device,
+          peak: PeakMemory | None = None) -> tuple[float, float | None]:
+    """(median seconds of ``repeat`` runs, peak MiB of the warm-up run)."""
+    med, _, _, mib = timed_spread(fn, repeat, device, peak)
+    return med, mib
 
 
 def _inputs(cfg: Config, s: int, grad: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -157,15 +171,15 @@ def run_timings(cfg: Config, device: torch.device, progress: Callable[[str], Non
         fn = make_impls(mask, cfg.n, cfg.d, device)[impl]
         q, k, v = _inputs(cfg, s, grad, device)
         try:
-            t, mib = timed(_step(fn, q, k, v, grad), cfg.repeat, device, peak)
+            t, t_min, t_max, mib = timed_spread(_step(fn, q, k, v, grad), cfg.repeat, device, peak)
         except Exception as e:  # noqa: BLE001 - report, keep going
             print(f"  {impl} {passes} {mask} S={s} failed: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         mult = 3.5 if grad else 1.0
         dense, eff = _flops(cfg, s, mask)
         rows.append(dict(impl=impl, mask=mask, passes=passes, dtype=str(cfg.dtype).replace("torch.", ""),
-                         device=device.type, B=cfg.b, N=cfg.n, S=s, D=cfg.d, seconds=t,
-                         gflops_dense=mult * dense / t / 1e9, gflops_effective=mult * eff / t / 1e9,
+                         device=device.type, B=cfg.b, N=cfg.n, S=s, D=cfg.d, seconds=t, seconds_min=t_min,
+                         seconds_max=t_max, gflops_dense=mult * dense / t / 1e9, gflops_effective=mult * eff / t / 1e9,
                          peak_mib=mib))
     return rows
 
@@ -253,8 +267,8 @@ def _cpu_name() -> str:
     return os.uname().machine
 
 
-FIELDS = ("impl", "mask", "passes", "dtype", "device", "B", "N", "S", "D", "seconds", "gflops_dense",
-          "gflops_effective", "peak_mib")
+FIELDS = ("impl", "mask", "passes", "dtype", "device", "B", "N", "S", "D", "seconds", "seconds_min", "seconds_max",
+          "gflops_dense", "gflops_effective", "peak_mib")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -262,7 +276,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(FIELDS))
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else ("" if r[k] is None else r[k]))
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else ("" if r.get(k) is None else r[k]))
                         for k in FIELDS})
 
 
@@ -272,8 +286,8 @@ def read_csv(path: Path) -> list[dict]:
         for r in csv.DictReader(f):
             for k in ("B", "N", "S", "D"):
                 r[k] = int(r[k])
-            for k in ("seconds", "gflops_dense", "gflops_effective", "peak_mib"):
-                r[k] = float(r[k]) if r[k] not in ("", None) else None
+            for k in ("seconds", "seconds_min", "seconds_max", "gflops_dense", "gflops_effective", "peak_mib"):
+                r[k] = float(r[k]) if r.get(k) not in ("", None) else None
             rows.append(r)
     return rows
 
@@ -282,8 +296,19 @@ _STYLE = {"fascore": dict(color="tab:red", marker="o"), "sdpa": dict(color="tab:
           "naive": dict(color="tab:gray", marker="^"), "flex": dict(color="tab:green", marker="D")}
 
 
+def _band(sel: list[dict], metric: str) -> tuple[list[float], list[float]] | None:
+    """(low, high) of ``metric`` over the repeats, from seconds_min / seconds_max (GFLOP/s: inverted)."""
+    if not all(r.get("seconds_min") and r.get("seconds_max") for r in sel):
+        return None
+    if metric == "seconds":
+        return [r["seconds_min"] for r in sel], [r["seconds_max"] for r in sel]
+    return ([r[metric] * r["seconds"] / r["seconds_max"] for r in sel],
+            [r[metric] * r["seconds"] / r["seconds_min"] for r in sel])
+
+
 def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
-    """time.png, gflops.png (per mask x pass) and memory.png (if measured); returns the paths."""
+    """time.png, gflops.png (per mask x pass: the median, and a band from the fastest to the slowest
+    repeat) and memory.png (if measured); returns the paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,10 +323,14 @@ def plot(rows: list[dict], out: Path, title: str = "") -> list[Path]:
             for pi, passes in enumerate(PASSES):
                 ax = axes[mi][pi]
                 for impl in impls:
-                    pts = sorted((r["S"], r[metric]) for r in rows
-                                 if r["impl"] == impl and r["mask"] == mask and r["passes"] == passes)
-                    if pts:
-                        ax.plot(*zip(*pts), label=impl, **_STYLE.get(impl, {}))
+                    sel = sorted((r for r in rows if r["impl"] == impl and r["mask"] == mask and r["passes"] == passes),
+                                 key=lambda r: r["S"])
+                    if sel:
+                        ax.plot([r["S"] for r in sel], [r[metric] for r in sel], label=impl, **_STYLE.get(impl, {}))
+                        band = _band(sel, metric)
+                        if band is not None:  # min-max over the timed repeats
+                            ax.fill_between([r["S"] for r in sel], *band, alpha=0.2, linewidth=0,
+                                            color=_STYLE.get(impl, {}).get("color"))
                 ax.set_xscale("log", base=2)
                 if logy:
                     ax.set_yscale("log")

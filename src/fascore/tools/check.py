@@ -33,12 +33,14 @@ import fascore
 
 from .. import engines as _engine
 from ..errors import FlashAttentionError
+from ..rng.generator import DEFAULT_SEED as DEFAULT_NPU_SEED, default_generator
 
 __all__ = ["Spec", "Check", "Result", "cases", "run", "run_case", "run_errors", "feature_table", "compare",
-           "compare_stats", "compare_golden", "make_inputs"]
+           "compare_stats", "compare_golden", "make_inputs", "case_inputs", "snippet"]
 
 FLT_MAX = 3.4028234663852886e38
 INT32_MAX = 2**31 - 1
+SEED_STRIDE = 1_000_003  # --seed s shifts data seeds and generator seeds by s * SEED_STRIDE
 EPS = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 1e-12}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -80,6 +82,7 @@ class Spec:
     api: str = "v2"
     backward: bool = True
     data_seed: int = 0
+    npu_seed: int = 0  # the emulated NPU generator's seed for this case (seed == 0 dropout draws from it)
 
     @property
     def tnd(self) -> bool:
@@ -248,6 +251,12 @@ def _place(s: Spec, kw: dict[str, Any], dtype: torch.dtype, device: torch.device
     return out
 
 
+def case_inputs(s: Spec, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The case's arguments (v2 keywords, canonical names) as the check passes them: query, key,
+    value, rope and a type 0/1 pse in ``dtype`` (default: the case's), on ``device``."""
+    return _place(s, make_inputs(s), dtype or s.dtype, torch.device(device))
+
+
 def _wrt(s: Spec) -> list[str]:
     names = ["query", "key", "value"]
     if s.pse != "none" and s.pse_type in (0, 1):
@@ -342,7 +351,10 @@ def run_case(s: Spec, device: torch.device, engine: str | None = None) -> Result
     """Run one case: fascore (``engine`` or the default) on ``device`` against ref64 / ref_same on CPU."""
     r = Result(s.name, s.features())
     t0 = time.perf_counter()
+    gen = default_generator(device)
+    state = gen.get_state()
     try:
+        gen.manual_seed(s.npu_seed or DEFAULT_NPU_SEED)  # every case, run alone or in a list, draws the same seed
         cpu = torch.device("cpu")
         base = _place(s, make_inputs(s), s.dtype, cpu)  # ref64 runs on the very values fascore sees
         lib_kw = _place(s, base, s.dtype, device)
@@ -376,8 +388,66 @@ def run_case(s: Spec, device: torch.device, engine: str | None = None) -> Result
             r.checks.append(compare("d" + n, gl, g_ref[n], g_nv[n], s.dtype, 3.0))
     except Exception as e:  # noqa: BLE001 - a conformance failure, reported in the table
         r.error = f"{type(e).__name__}: {e}"
+    finally:
+        gen.set_state(state)
     r.seconds = time.perf_counter() - t0
     return r
+
+
+# --------------------------------------------------------------------------- one case as Python
+def _literal(x: Any) -> str:
+    if isinstance(x, torch.dtype):
+        return str(x)
+    return repr(x)
+
+
+def snippet(s: Spec, device: str | torch.device = "cpu") -> str:
+    """The case as a self-contained Python snippet: its inputs, the emulated NPU generator's seed,
+    the call with every argument written out, and the float64 reference it is checked against."""
+    dflt = Spec()
+    fields = [f"{f}={_literal(getattr(s, f))}" for f in s.__dataclass_fields__
+              if f != "name" and getattr(s, f) != getattr(dflt, f)]
+    kw = case_inputs(s)
+    fn = "npu_fusion_attention" if s.api == "v1" else "npu_fusion_attention_v2"
+    pos = ", ".join(f"{n}" for n in ("query", "key", "value")) + f", {kw['head_num']}, {kw['input_layout']!r}"
+    spell = {"pre_tokens": "pre_tockens", "next_tokens": "next_tockens"} if s.api == "v1" else {}
+    args, notes = [], []
+    for n, v in kw.items():
+        if n in ("query", "key", "value", "head_num", "input_layout") or (s.api == "v1" and n == "pse_type"):
+            continue
+        if isinstance(v, Tensor):
+            args.append(f"{spell.get(n, n)}=kw[{n!r}]")
+            notes.append(f"#   {n}: {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
+        else:
+            args.append(f"{spell.get(n, n)}={_literal(v)}")
+    shapes = ", ".join(f"{n} {list(kw[n].shape)}" for n in ("query", "key", "value"))
+    call = f"fascore.{fn}(\n    {pos},\n    " + ",\n    ".join(args) + ")" if args else f"fascore.{fn}({pos})"
+    lines = [
+        f"# fascore check {s.name}: {', '.join(s.features())}",
+        "import torch",
+        "import fascore",
+        "from fascore.tools.check import Spec, case_inputs",
+        "",
+        f"spec = Spec({', '.join(fields)})",
+        f"kw = case_inputs(spec, device={str(torch.device(device))!r})  # the case's tensors (from spec.data_seed), "
+        "in its dtype",
+        f"#   {shapes} {str(s.dtype).replace('torch.', '')}",
+        *notes,
+        "query, key, value = kw['query'], kw['key'], kw['value']",
+        f"fascore.manual_seed({s.npu_seed or DEFAULT_NPU_SEED})  # the emulated NPU generator, seeded as the check seeds it",
+        f"out, softmax_max, softmax_sum, softmax_out, seed, offset, numels = {call}",
+        "",
+        "# the float64 reference the check compares with (same values, same dropout seed and offset)",
+        "kw64 = case_inputs(spec, torch.float64)",
+        "if spec.keep_prob < 1 and spec.drop == 'seed':",
+        "    kw64.update(seed=seed, offset=offset)",
+        "with fascore.use_engine('reference'):",
+        "    ref = fascore.npu_fusion_attention_v2(**kw64)",
+        "print('max |out - ref64| =', (out.double().cpu() - ref[0]).abs().max().item())",
+    ]
+    if s.api == "v1":
+        lines[-2] = "    ref = fascore.npu_fusion_attention_v2(**kw64)  # v1 and v2 compute the same"
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- error codes
@@ -558,7 +628,11 @@ def _valid(s: Spec) -> bool:
 
 def cases(quick: bool = True, n_random: int = 200, seed: int = 0) -> list[Spec]:
     """The conformance cases: the quick CI subset, plus ``n_random`` random combinations and
-    long sequences in the full run."""
+    long sequences in the full run. Case i is the same in both lists when it is a quick one;
+    ``seed`` fixes every random draw (the combinations, each case's data and the seed each case
+    gives the emulated NPU generator), so a list and any case of it rerun identically."""
+    if seed < 0 or n_random < 0:
+        raise ValueError(f"seed={seed}, n_random={n_random}: must be >= 0")
     cs = _quick_cases()
     if not quick:
         rng = random.Random(seed)
@@ -579,6 +653,8 @@ def cases(quick: bool = True, n_random: int = 200, seed: int = 0) -> list[Spec]:
             s.name = f"#{i:03d} {s.layout} {DTYPE_NAMES[s.dtype]} m{s.mode}"
         if not s.data_seed:
             s.data_seed = i + 1
+        s.data_seed += SEED_STRIDE * seed  # --seed moves every random draw: data, combinations, generator
+        s.npu_seed = 1 + i + SEED_STRIDE * seed
     return cs
 
 

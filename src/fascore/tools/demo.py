@@ -1,10 +1,15 @@
 """``make demo`` / ``fascore demo``: the operator in its main modes, timed, each checked against
 the float64 reference.
 
-    python -m fascore.tools.demo      # or: fascore demo
+Each mode is timed forward (under no_grad) and forward + backward (autograd), each as the median
+of ``repeat`` runs after ``warmup`` untimed ones (the first call of a shape pays one-time costs:
+plans, allocator growth, native build loading), with the min-max spread next to it.
+
+    python -m fascore.tools.demo [--repeat 5] [--warmup 1] [--threads N]    # or: fascore demo
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -47,23 +52,47 @@ def cases() -> list[tuple[str, tuple, dict[str, Any]]]:
     ]
 
 
-def run_case(name: str, args: tuple, kw: dict[str, Any]) -> dict[str, Any]:
-    """Time one mode (forward; forward + backward) and check its output against the reference."""
+def _timed(fn, repeat: int, warmup: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``repeat`` runs of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), min(ts), max(ts)
+
+
+def run_case(name: str, args: tuple, kw: dict[str, Any], repeat: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Time one mode (forward; forward + backward: the median of ``repeat`` runs after ``warmup``
+    untimed ones) and check its output against the float64 reference."""
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"repeat={repeat}, warmup={warmup}: need repeat >= 1 and warmup >= 0")
     q, k, v, n, layout = args
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
-    t1 = time.perf_counter()
-    o = fascore.npu_fusion_attention_v2(qg, kg, vg, n, layout, scale=0.125, **kw)[0]
-    o.backward(torch.ones_like(o))
-    t2 = time.perf_counter()
+    res: dict[str, Any] = {}
+
+    def fwd() -> None:
+        with torch.no_grad():
+            res["out"] = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
+
+    def fwdbwd() -> None:
+        for x in (qg, kg, vg):
+            x.grad = None
+        o = fascore.npu_fusion_attention_v2(qg, kg, vg, n, layout, scale=0.125, **kw)[0]
+        o.backward(torch.ones_like(o))
+
+    f_med, f_min, f_max = _timed(fwd, repeat, warmup)
+    b_med, b_min, b_max = _timed(fwdbwd, repeat, warmup)
+    out = res["out"]
     with fascore.use_engine("reference"):
         ref = fascore.npu_fusion_attention_v2(q.double(), k.double(), v.double(), n, layout, scale=0.125, **kw)[0]
         naive = fascore.npu_fusion_attention_v2(q, k, v, n, layout, scale=0.125, **kw)[0]
     err = (out.double() - ref).abs().max().item()
     tol = 2 * (naive.double() - ref).abs().max().item() + 1e-5
-    return dict(mode=name, shape=f"{list(q.shape)} {layout}", fwd_ms=1e3 * (t1 - t0), fwdbwd_ms=1e3 * (t2 - t1),
+    return dict(mode=name, shape=f"{list(q.shape)} {layout}", fwd_ms=1e3 * f_med, fwd_min_ms=1e3 * f_min,
+                fwd_max_ms=1e3 * f_max, fwdbwd_ms=1e3 * b_med, fwdbwd_min_ms=1e3 * b_min, fwdbwd_max_ms=1e3 * b_max,
                 err=err, tol=tol, ok=err <= tol)
 
 
@@ -72,12 +101,23 @@ def header() -> str:
             f"engine {fascore.current_engine_name()!r}")
 
 
-def main() -> int:
-    print(header())
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fascore.tools.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs per mode (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    a = ap.parse_args(argv)
+    if a.repeat < 1 or a.warmup < 0 or (a.threads is not None and a.threads < 1):
+        ap.error("--repeat and --threads must be >= 1, --warmup >= 0")
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    print(header() + f", median of {a.repeat} after {a.warmup} warm-up")
     print(f"{'mode':40s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'max |out - ref64|':>18s}  check")
     ok = True
     for name, args, kw in cases():
-        r = run_case(name, args, kw)
+        r = run_case(name, args, kw, repeat=a.repeat, warmup=a.warmup)
         ok &= r["ok"]
         print(f"{name:40s} {r['fwd_ms']:8.1f} {r['fwdbwd_ms']:10.1f} {r['err']:18.2e}  "
               f"{'ok' if r['ok'] else 'FAIL'} (tol {r['tol']:.1e})")
