@@ -1,10 +1,14 @@
 """The ``fascore`` command line: ``check``, ``bench``, ``demo``, ``run``, ``info``.
 
     fascore check [--device cpu|cuda] [--quick]   conformance run against the float64 reference
+    fascore check --case N                        rerun case N alone and print it as Python
     fascore bench [--quick] [--out DIR]           benchmark matrix: CSV, PNG plots, summary table
-    fascore demo                                  the operator in its main modes, timed and checked
+    fascore demo [--repeat N]                     the operator in its main modes, timed and checked
     fascore run [OPTIONS] SCRIPT.py [ARGS...]     an unmodified torch_npu program on fascore (stand-in)
     fascore info                                  versions, engines, devices, matmul path
+
+``python -m fascore`` is the same command. Every option is checked: a bad value exits with code 2
+and says why (click's usage errors, or ``_usage_error``).
 """
 from __future__ import annotations
 
@@ -68,34 +72,64 @@ def _fmt(x: float) -> str:
     return f"{x:.2e}" if x else "0"
 
 
+# --------------------------------------------------------------------------- shared option checks
+def _usage_error(message: str) -> None:
+    """Exit 2 with ``message`` (what click does for its own option errors)."""
+    console.print(f"[red]{message}[/red]")
+    raise typer.Exit(2)
+
+
+def _threads(threads: Optional[int]) -> None:
+    """``--threads N``: torch's intra-op threads for this run (None: torch's default)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _threads_option() -> typer.models.OptionInfo:
+    return typer.Option(None, "--threads", min=1, help="CPU threads (torch.set_num_threads); default: torch's.")
+
+
 # --------------------------------------------------------------------------- check
 @app.command()
 def check(device: Device = typer.Option(Device.cpu, help="Device the operator runs on (the reference runs on CPU)."),
           quick: bool = typer.Option(False, "--quick", help="The CI subset (about 50 cases)."),
           engine: Optional[str] = typer.Option(None, help="Engine to check (default: the current default)."),
-          n_random: int = typer.Option(200, help="Random combinations in the full run."),
-          seed: int = typer.Option(0, help="Seed of the random combinations."),
-          limit: Optional[int] = typer.Option(None, help="Run only the first N cases (a smoke test).")) -> None:
+          n_random: int = typer.Option(200, min=0, help="Random combinations in the full run."),
+          seed: int = typer.Option(0, min=0, help="Seed of everything random: the combinations, each case's data "
+                                                  "and the emulated NPU generator's seed per case."),
+          limit: Optional[int] = typer.Option(None, min=1, help="Run only the first N cases (a smoke test)."),
+          case: Optional[int] = typer.Option(None, "--case", min=0, help="Rerun case N alone (its number in the "
+                                                                         "table, #N) and print it as Python."),
+          threads: Optional[int] = _threads_option()) -> None:
     """Conformance run of this install against its float64 reference.
 
     Layouts x sparse modes x pse types x dtypes x dropout x TND x GQA (plus sink, rope, invalid
     rows, error codes), forward and backward, under semantics §7's tolerance rule. Prints a feature by
-    status table with the worst error next to its tolerance; exit code 1 on any failure.
+    status table with the worst error next to its tolerance; exit code 1 on any failure. Every
+    random draw is fixed by --seed: two runs print the same table, and --case N reruns one case
+    exactly as the list ran it.
     """
     from fascore.tools import check as chk
 
     dev = _device(device)
     if engine is not None and engine not in fascore.available_engines():
-        console.print(f"[red]--engine {engine!r}: must be one of {fascore.available_engines()}[/red]")
-        raise typer.Exit(2)
+        _usage_error(f"--engine {engine!r}: must be one of {fascore.available_engines()}")
+    _threads(threads)
     eng = engine or "dispatch"
-    console.print(engine_table())
     specs = chk.cases(quick=quick, n_random=n_random, seed=seed)
+    if case is not None:
+        if case >= len(specs):
+            _usage_error(f"--case {case}: this list ({'quick' if quick else f'full, --n-random {n_random}'}) has "
+                         f"{len(specs)} cases, #0 .. #{len(specs) - 1}")
+        _check_one(chk, specs[case], dev, engine)
+        return
     if limit is not None:
         specs = specs[:limit]
+    console.print(engine_table())
     console.print(f"fascore {fascore.__version__} check: {len(specs)} cases + error codes, engine {eng!r} on "
                   f"{dev}{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''}, "
-                  f"reference float64 on cpu, torch {torch.__version__}")
+                  f"reference float64 on cpu, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"seed {seed}")
     t0 = time.perf_counter()
     failed = 0
     with _progress() as prog:
@@ -108,6 +142,27 @@ def check(device: Device = typer.Option(Device.cpu, help="Device the operator ru
                         + (f"  [{failed} failed]" if failed else ""))
 
         results = chk.run(specs, device=dev, engine=engine, progress=step)
+    console.print(_check_table(chk, results, quick))
+    bad = [r for r in results if not r.ok]
+    rerun = (" --quick" if quick else "") + (f" --seed {seed}" if seed else "") + \
+        (f" --n-random {n_random}" if not quick and n_random != 200 else "") + \
+        (f" --device {dev.type}" if dev.type != "cpu" else "") + (f" --engine {engine}" if engine else "")
+    for r in bad[:20]:
+        detail = r.error or "; ".join(f"{c.quantity}: {_fmt(c.err)} > {_fmt(c.tol)}" for c in r.checks if not c.ok)
+        number = r.name[1:4] if r.name.startswith("#") else None
+        console.print(f"[red]FAIL[/red] {r.name}: {detail}"
+                      + (f"\n     rerun alone, as Python: fascore check --case {int(number)}{rerun}" if number else ""))
+    if len(bad) > 20:
+        console.print(f"... and {len(bad) - 20} more")
+    dt = time.perf_counter() - t0
+    n_ok = len(results) - len(bad)
+    if bad:
+        console.print(f"[red]{len(bad)} of {len(results)} cases FAILED[/red] ({dt:.1f} s)")
+        raise typer.Exit(1)
+    console.print(f"[green]all {n_ok} cases passed[/green] on {dev} with engine {eng!r} ({dt:.1f} s)")
+
+
+def _check_table(chk, results, quick: bool) -> Table:
     table = Table(title=f"fascore check ({'quick' if quick else 'full'}): worst error per feature, "
                         "semantics §7 tolerance", box=box.SIMPLE_HEAD)
     for col, just in (("feature", "left"), ("cases", "right"), ("status", "left"), ("worst quantity", "left"),
@@ -122,45 +177,78 @@ def check(device: Device = typer.Option(Device.cpu, help="Device the operator ru
         else:
             qty, err, tol = chk_.quantity, _fmt(chk_.err), _fmt(chk_.tol)
         table.add_row(feature, str(n), status, qty, err, tol, worst.name if worst else "-")
+    return table
+
+
+def _check_one(chk, spec, dev: torch.device, engine: Optional[str]) -> None:
+    """``check --case N``: the case's checks, then the case as a Python snippet."""
+    r = chk.run_case(spec, dev, engine)
+    table = Table(title=f"fascore check {spec.name}: {', '.join(spec.features())}", box=box.SIMPLE_HEAD)
+    for col, just in (("quantity", "left"), ("max |err|", "right"), ("tolerance", "right"), ("status", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for c in r.checks:
+        table.add_row(c.quantity, _fmt(c.err), _fmt(c.tol), "[green]ok[/green]" if c.ok else "[red]FAIL[/red]")
     console.print(table)
-    bad = [r for r in results if not r.ok]
-    for r in bad[:20]:
-        detail = r.error or "; ".join(f"{c.quantity}: {_fmt(c.err)} > {_fmt(c.tol)}" for c in r.checks if not c.ok)
-        console.print(f"[red]FAIL[/red] {r.name}: {detail}")
-    if len(bad) > 20:
-        console.print(f"... and {len(bad) - 20} more")
-    dt = time.perf_counter() - t0
-    n_ok = len(results) - len(bad)
-    if bad:
-        console.print(f"[red]{len(bad)} of {len(results)} cases FAILED[/red] ({dt:.1f} s)")
+    if r.error:
+        console.print(f"[red]FAIL[/red] {r.error}")
+    console.print("# the case as Python (run it with python -):")
+    console.print(chk.snippet(spec, dev), markup=False, soft_wrap=True)
+    if not r.ok:
         raise typer.Exit(1)
-    console.print(f"[green]all {n_ok} cases passed[/green] on {dev} with engine {eng!r} ({dt:.1f} s)")
+    console.print(f"[green]{spec.name} passed[/green] ({r.seconds:.2f} s)")
 
 
 # --------------------------------------------------------------------------- bench
+def _seqlens(value: Optional[str]) -> Optional[tuple[int, ...]]:
+    if value is None:
+        return None
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            s = int(part)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not an integer (give sequence lengths like 512,1024,2048)")
+        if not 1 <= s <= 1 << 20:
+            raise typer.BadParameter(f"{s}: a sequence length must be in [1, 1048576]")
+        out.append(s)
+    if len(set(out)) != len(out):
+        raise typer.BadParameter(f"{value!r} repeats a length")
+    return tuple(out)
+
+
 @app.command()
 def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, two repeats (under two minutes)."),
-          out: Path = typer.Option(Path("bench_out"), "--out", help="Directory for bench.csv and the PNG plots."),
+          out: Path = typer.Option(Path("bench_out"), "--out", file_okay=False,
+                                   help="Directory for bench.csv and the PNG plots."),
           device: Device = typer.Option(Device.cpu, help="Device to benchmark on."),
           memory: bool = typer.Option(True, help="Measure peak memory (CPU: Linux only)."),
-          seqlens: Optional[str] = typer.Option(None, help="Comma-separated sequence lengths (overrides)."),
-          repeat: Optional[int] = typer.Option(None, help="Timed runs per measurement (median).")) -> None:
+          seqlens: Optional[str] = typer.Option(None, callback=_seqlens,
+                                                help="Comma-separated sequence lengths, each in [1, 1048576] "
+                                                     "(overrides the matrix)."),
+          repeat: Optional[int] = typer.Option(None, min=1, help="Timed runs per measurement (median, min-max band)."),
+          threads: Optional[int] = _threads_option()) -> None:
     """fascore vs PyTorch SDPA vs naive attention over sequence lengths.
 
-    Writes OUT/bench.csv, OUT/time.png, OUT/gflops.png, OUT/memory.png and OUT/machine.json, and
-    prints a summary table.
+    Writes OUT/bench.csv, OUT/time.png, OUT/gflops.png (median with a min-max band over the
+    repeats), OUT/memory.png and OUT/machine.json, and prints a summary table.
     """
     from dataclasses import replace
 
     from fascore.tools import bench as bn
 
     dev = _device(device)
+    _threads(threads)
     cfg = bn.quick_config() if quick else bn.full_config()
     cfg = replace(cfg, memory=memory)
-    if seqlens:
-        cfg = replace(cfg, seqlens=tuple(int(x) for x in seqlens.split(",")))
-    if repeat:
+    if seqlens is not None:
+        cfg = replace(cfg, seqlens=seqlens)
+    if repeat is not None:
         cfg = replace(cfg, repeat=repeat)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _usage_error(f"--out {out}: cannot create the directory ({e.strerror or e})")
     console.print(f"fascore {fascore.__version__} bench on {dev}: masks {', '.join(cfg.masks)}, S in "
                   f"{list(cfg.seqlens)}, B={cfg.b} N={cfg.n} D={cfg.d} {str(cfg.dtype).replace('torch.', '')}, "
                   f"{torch.get_num_threads()} threads, median of {cfg.repeat}")
@@ -169,6 +257,9 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, two re
         task = prog.add_task("bench", total=bn.n_steps(cfg), last="")
         rows, paths = bn.run(cfg, out, dev, progress=lambda what: prog.update(task, advance=1, last=what))
         prog.update(task, completed=bn.n_steps(cfg))
+    if not rows:
+        console.print("[red]no measurement succeeded (see the errors above); nothing plotted[/red]")
+        raise typer.Exit(1)
     table = Table(title=f"summary ({dev}): time per call, effective GFLOP/s of fwd+bwd, peak memory of fwd+bwd")
     for col in ("mask", "S", "impl", "fwd ms", "fwd+bwd ms", "GFLOP/s", "peak MiB", "x SDPA time"):
         table.add_column(col, justify="left" if col in ("mask", "impl") else "right")
@@ -185,13 +276,18 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, two re
 
 # --------------------------------------------------------------------------- demo
 @app.command()
-def demo() -> None:
+def demo(repeat: int = typer.Option(5, min=1, help="Timed runs per mode (the table shows their median)."),
+         warmup: int = typer.Option(1, min=0, help="Untimed runs before timing."),
+         threads: Optional[int] = _threads_option()) -> None:
     """The operator on realistic shapes in its main modes (causal, band, prefix, ALiBi, dropout,
-    sink, TND), timed, each checked against the float64 reference (what `make demo` runs)."""
+    sink, TND), timed (median of --repeat runs after --warmup), each checked against the float64
+    reference (what `make demo` runs)."""
     from fascore.tools import demo as dm
 
-    console.print(dm.header())
-    table = Table(title="fascore demo: each mode timed and checked against the float64 reference")
+    _threads(threads)
+    console.print(dm.header() + f", median of {repeat} after {warmup} warm-up")
+    table = Table(title=f"fascore demo: each mode timed (median of {repeat}, [min-max]) and checked against the "
+                        "float64 reference")
     for col in ("mode", "query", "fwd ms", "fwd+bwd ms", "max |out - ref64|", "tolerance", "check"):
         table.add_column(col, justify="left" if col in ("mode", "query", "check") else "right")
     ok = True
@@ -200,10 +296,11 @@ def demo() -> None:
         task = prog.add_task("demo", total=len(cases), last="")
         for name, args, kw in cases:
             prog.update(task, last=name)
-            r = dm.run_case(name, args, kw)
+            r = dm.run_case(name, args, kw, repeat=repeat, warmup=warmup)
             ok &= r["ok"]
-            table.add_row(name, r["shape"], f"{r['fwd_ms']:.1f}", f"{r['fwdbwd_ms']:.1f}", f"{r['err']:.2e}",
-                          f"{r['tol']:.1e}", "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
+            table.add_row(name, r["shape"], f"{r['fwd_ms']:.1f} [{r['fwd_min_ms']:.1f}-{r['fwd_max_ms']:.1f}]",
+                          f"{r['fwdbwd_ms']:.1f} [{r['fwdbwd_min_ms']:.1f}-{r['fwdbwd_max_ms']:.1f}]",
+                          f"{r['err']:.2e}", f"{r['tol']:.1e}", "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
             prog.update(task, advance=1)
     console.print(table)
     if not ok:
@@ -271,6 +368,9 @@ def info() -> None:
     table.add_row("custom ops", "torch.ops.fascore.npu_fusion_attention, torch.ops.fascore.npu_fusion_attention_grad")
     table.add_row("real torch_npu", "installed (shim disabled)" if compat.real_torch_npu_available() else
                   "not installed (fascore.compat shim available)")
+    from fascore import lint
+    lvl, strict = lint.level()
+    table.add_row("guard rails", f"FASCORE_LINT: {lvl}{' + strict rules' if strict else ''} (docs/lint.md)")
     console.print(table)
     console.print(engine_table())
 
