@@ -369,3 +369,18 @@ def test_testcase_setup_seeds_and_runs(shim, monkeypatch):
     assert result.wasSuccessful()
     torch.manual_seed(123)
     assert seen == [torch.rand(1).item()]
+
+
+def test_mapping_rules_for_both_targets():
+    from fascore.compat.devices import DeviceMapping
+
+    cpu = DeviceMapping("cpu")
+    assert [cpu.map(v) for v in ("npu", "npu:3", "cpu", "cuda:1", 2, True)] == ["cpu", "cpu", "cpu", "cuda:1", "cpu",
+                                                                               True]
+    assert [cpu.map_backend(b) for b in ("hccl", "cpu:gloo,npu:hccl", "npu:hccl", "nccl")] == \
+        ["gloo", "cpu:gloo", "cpu:gloo", "nccl"]
+    cuda = object.__new__(DeviceMapping)  # the rules alone, without needing a GPU here
+    cuda.type, cuda.real_device = "cuda", type(torch.device("cpu"))
+    assert [cuda.map(v) for v in ("npu", "npu:3", 2)] == ["cuda", "cuda:3", 2]
+    assert [cuda.map_backend(b) for b in ("hccl", "cpu:gloo,npu:hccl")] == ["nccl", "cpu:gloo,cuda:nccl"]
+    assert cuda.map_device_type("npu") == "cuda" and cuda.map_device_type("cpu") == "cpu"

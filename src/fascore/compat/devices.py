@@ -197,12 +197,19 @@ class DeviceMapping:
         return self.type if isinstance(value, str) and _NPU.match(value) else value
 
     def map_backend(self, backend: Any) -> Any:
-        """torch.distributed backends: "hccl" -> gloo (CPU) / nccl (CUDA); "npu:hccl" likewise."""
+        """torch.distributed backends: "hccl" -> gloo (CPU) / nccl (CUDA); in "dev:backend,..."
+        lists "npu:hccl" becomes "<target>:<that>" unless the target device has an entry already."""
         if not isinstance(backend, str) or not _HCCL.search(backend):
             return backend
         repl = "gloo" if self.type == "cpu" else "nccl"
-        out = re.sub(r"\bnpu:hccl\b", f"{self.type}:{repl}", backend)
-        return _HCCL.sub(repl, out)
+        if ":" not in backend:
+            return _HCCL.sub(repl, backend)
+        entries: dict[str, str] = {}
+        for part in backend.split(","):
+            dev, _, name = part.strip().partition(":")
+            dev = self.type if dev == "npu" else dev
+            entries.setdefault(dev, repl if name == "hccl" else name)
+        return ",".join(f"{d}:{b}" for d, b in entries.items())
 
     def _new_device(self, *args: Any, **kwargs: Any) -> torch.device:
         if args and isinstance(args[0], str) and (args[0] == "npu" or _NPU.match(args[0])):

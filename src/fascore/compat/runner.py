@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, TextIO
 
 __all__ = ["RunConfig", "parse_args", "run", "run_script", "run_module", "format_user_error", "USAGE"]
 
-USAGE = """usage: python -m fascore.compat [--device auto|cpu|cuda] [--capture DIR] [--capture-sample N|F]
+USAGE = """Usage: python -m fascore.compat [--device auto|cpu|cuda] [--capture DIR] [--capture-sample N|F]
          [--nproc-per-node N] (SCRIPT | -m MODULE) [ARGS...]
 
 Runs an unmodified torch_npu program on fascore's torch_npu stand-in with the "npu" device mapped
@@ -97,6 +97,9 @@ def _check(cfg: RunConfig) -> RunConfig:
 
 # ---------------------------------------------------------------------------------- errors
 def _is_runner_frame(filename: str) -> bool:
+    """fascore's own frames (the runner, the operators, the generated entry points) and runpy's."""
+    if filename.startswith("<fascore"):
+        return True
     try:
         path = str(Path(filename).resolve())
     except (OSError, ValueError):
