@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,8 +26,19 @@ def invoke(*args: str):
 # ----------------------------------------------------------------------------------------------
 # fascore check
 # ----------------------------------------------------------------------------------------------
-def test_check_quick_passes():
-    """What CI runs: the quick conformance run passes, with its feature table."""
+def _check_table(output: str) -> str:
+    """The feature table of a ``check`` run (everything between its title and the summary line)."""
+    lines = output.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "fascore check (" in ln)
+    end = next(i for i, ln in enumerate(lines) if re.search(r"cases passed|cases FAILED", ln))
+    return "\n".join(lines[start:end])
+
+
+def test_check_quick_passes_and_is_reproducible():
+    """What CI runs: the quick conformance run passes, with its feature table; a second run, in a
+    fresh process through ``python -m fascore``, prints the identical table (every seed fixed,
+    including the dropout case that draws its seed from the emulated NPU generator)."""
+    fascore.manual_seed(12345)  # not the fresh process's state: the check must seed each case itself
     r = invoke("check", "--quick")
     assert r.exit_code == 0, r.output
     assert re.search(r"all \d+ cases passed", r.output), r.output
@@ -34,6 +48,10 @@ def test_check_quick_passes():
                     "backward", "errors (status codes)"):
         assert feature in r.output, f"{feature!r} missing from the table"
     assert "FAIL" not in r.output
+    again = subprocess.run([sys.executable, "-m", "fascore", "check", "--quick"], capture_output=True, text=True,
+                           timeout=900, env=dict(os.environ, COLUMNS="120"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _check_table(again.stdout) == _check_table(r.output)
 
 
 class _Broken(reference.ReferenceEngine):
@@ -54,6 +72,94 @@ def test_check_fails_with_exit_code_1_on_a_broken_engine():
         fascore.unregister_engine("_broken_for_test")
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output and "attention_out" in r.output
+
+
+def test_check_case_reruns_one_case_and_prints_it_as_python():
+    """``--case N``: the case of the list alone, its checks, and a snippet that reproduces it; for
+    the dropout case that draws its seed, alone and in the list give the same seed."""
+    specs = check.cases(quick=True)
+    n = next(i for i, sp in enumerate(specs) if sp.keep_prob < 1 and sp.drop == "seed" and sp.seed == 0)
+    r = invoke("check", "--case", str(n))
+    assert r.exit_code == 0, r.output
+    assert f"#{n:03d}" in r.output and "dquery" in r.output and "passed" in r.output
+    code = r.output[r.output.index("# fascore check #"):r.output.rindex(f"#{n:03d}")]
+    ns: dict = {}
+    exec(compile(code, "<snippet>", "exec"), ns)  # noqa: S102 - the snippet the command printed
+    assert ns["seed"] == specs[n].npu_seed  # drawn from the generator the check seeded
+    kw = check.case_inputs(specs[n])
+    fascore.manual_seed(specs[n].npu_seed)
+    assert torch.equal(ns["out"], check._call(specs[n].api, kw)[0])
+    alone = check.run_case(specs[n], torch.device("cpu"))
+    in_list = check.run(specs[n - 1:n + 1], errors=False)[-1]
+    assert [(c.quantity, c.err) for c in alone.checks] == [(c.quantity, c.err) for c in in_list.checks]
+
+
+def test_check_failure_says_how_to_rerun_it():
+    fascore.register_engine(_Broken())
+    try:
+        r = invoke("check", "--quick", "--engine", "_broken_for_test", "--limit", "2", "--seed", "3")
+    finally:
+        fascore.unregister_engine("_broken_for_test")
+    assert r.exit_code == 1
+    assert "fascore check --case 0 --quick --seed 3 --engine _broken_for_test" in r.output
+
+
+def test_check_seed_changes_the_data_but_not_the_cases():
+    a, b = check.cases(quick=True, seed=0), check.cases(quick=True, seed=1)
+    assert [s.layout for s in a] == [s.layout for s in b]
+    assert all(x.data_seed != y.data_seed and x.npu_seed != y.npu_seed for x, y in zip(a, b))
+    assert [s.data_seed for s in check.cases(quick=True, seed=1)] == [s.data_seed for s in b]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("bench", "--seqlens", "100,abc"), "'abc' is not an integer"),
+    (("bench", "--seqlens", "0"), "must be in [1, 1048576]"),
+    (("bench", "--seqlens", "64,64"), "repeats a length"),
+    (("bench", "--repeat", "-1"), "--repeat"),
+    (("bench", "--repeat", "0"), "--repeat"),
+    (("bench", "--threads", "0"), "--threads"),
+    (("demo", "--repeat", "0"), "--repeat"),
+    (("demo", "--warmup", "-1"), "--warmup"),
+    (("demo", "--threads", "-2"), "--threads"),
+    (("check", "--case", "-1"), "--case"),
+    (("check", "--case", "100000", "--quick"), "--case 100000: this list (quick) has"),
+    (("check", "--seed", "-1"), "--seed"),
+    (("check", "--limit", "0"), "--limit"),
+    (("check", "--n-random", "-5"), "--n-random"),
+    (("check", "--threads", "0"), "--threads"),
+    (("check", "--engine", "nope"), "--engine 'nope'"),
+    (("check", "--device", "tpu"), "--device"),
+])
+def test_every_option_is_validated(args, needle):
+    r = runner.invoke(app, list(args))
+    assert r.exit_code == 2, r.output
+    assert needle in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_bench_out_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = runner.invoke(app, ["bench", "--quick", "--seqlens", "64", "--out", str(f)])
+    assert r.exit_code == 2 and "--out" in r.output
+
+
+def test_threads_option_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        r = invoke("check", "--case", "0", "--threads", "1")
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_python_m_fascore():
+    r = subprocess.run([sys.executable, "-m", "fascore", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and fascore.__version__ in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "fascore", "bench", "--repeat", "0"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--repeat" in r.stderr + r.stdout
 
 
 def test_check_rejects_unknown_engine_and_missing_cuda():
@@ -90,6 +196,7 @@ def test_bench_writes_csv_and_readable_plots(tmp_path):
         {(i, p, s) for i in bench.IMPLS for p in bench.PASSES for s in (64, 128)}
     for x in rows:
         assert float(x["seconds"]) > 0 and float(x["gflops_effective"]) > 0
+        assert 0 < float(x["seconds_min"]) <= float(x["seconds"]) <= float(x["seconds_max"])
     for name in ("time.png", "gflops.png", "memory.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "x SDPA time" in r.output and "bench.csv" in r.output
@@ -118,6 +225,30 @@ def test_bench_plots_have_labelled_axes_and_one_line_per_implementation(tmp_path
         real_close(fig)
 
 
+def test_bench_plots_show_the_min_max_band(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    rows = [dict(impl=i, mask="causal", passes=p, S=s, seconds=1e-3 * s, seconds_min=0.8e-3 * s,
+                 seconds_max=1.5e-3 * s, gflops_effective=1.0 * s, peak_mib=None)
+            for i in bench.IMPLS for p in bench.PASSES for s in (128, 256, 512)]
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    bench.plot(rows, tmp_path)
+    time_fig, gflops_fig = figs[:2]
+    for fig, (lo, hi) in ((time_fig, (0.8e-3 * 128, 1.5e-3 * 128)), (gflops_fig, (128 / 1.5, 128 / 0.8))):
+        for ax in fig.axes:
+            bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+            assert len(bands) == len(bench.IMPLS)  # one band per implementation
+            ys = bands[0].get_paths()[0].vertices[:, 1]
+            assert min(ys) == pytest.approx(lo) and max(ys) >= hi * 0.999
+    for fig in figs:
+        real_close(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # fascore demo / info / --version
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +269,32 @@ def test_demo_command(monkeypatch):
         return out
 
     monkeypatch.setattr(demo, "cases", short)
-    r = invoke("demo")
+    r = invoke("demo", "--repeat", "2", "--threads", "1")
     assert r.exit_code == 0, r.output
     for mode in ("causal", "band", "prefix", "ALiBi", "dropout", "TND"):
         assert mode in r.output
-    assert "all checks passed" in r.output
+    assert "all checks passed" in r.output and "median of 2" in r.output
+
+
+def test_demo_times_the_median_after_a_warm_up(monkeypatch):
+    """warmup untimed calls, then repeat timed ones per pass; the median is reported with min / max."""
+    from fascore.tools import demo
+
+    calls = []
+    real = fascore.npu_fusion_attention_v2
+
+    def counting(*a, **kw):
+        calls.append(a[0].requires_grad)
+        return real(*a, **kw)
+    monkeypatch.setattr(fascore, "npu_fusion_attention_v2", counting)
+    q = torch.randn(1, 16, 32)
+    r = demo.run_case("dense", (q, q, q, 2, "BSH"), {}, repeat=3, warmup=2)
+    forward = [x for x in calls if not x]
+    backward = [x for x in calls if x]
+    assert len(backward) == 5 and len(forward) == 5 + 2  # + the two reference calls
+    assert r["fwd_min_ms"] <= r["fwd_ms"] <= r["fwd_max_ms"] and r["fwdbwd_min_ms"] <= r["fwdbwd_ms"]
+    with pytest.raises(ValueError):
+        demo.run_case("dense", (q, q, q, 2, "BSH"), {}, repeat=0)
 
 
 def test_info_and_version():
