@@ -1,9 +1,10 @@
-"""fascore.ring_attention_update (Ascend's npu_ring_attention_update) against the dense definition.
+"""fascore.npu_ring_attention_update (torch_npu's keywords) against the dense definition.
 
 Two partial results over disjoint key sets of the same query rows are built with the dense
 softmax formula in float64 (SPEC §5 statistics, invalid rows as (-FLT_MAX, +FLT_MAX) with output
 0); their merge must equal the dense result over the union of the keys. Also: rows invalid on
-both sides, TND's per-batch statistics layout, chaining real fascore calls, errors.
+both sides, TND's per-batch statistics layout, chaining real fascore calls, errors, and the old
+``ring_attention_update`` spellings (deprecated, same results).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fascore
-from fascore import FlashAttentionError, ring_attention_update
+from fascore import FlashAttentionError, npu_ring_attention_update, ring_attention_update
 
 FLT_MAX = 3.4028234663852886e38
 
@@ -79,13 +80,13 @@ def test_sbh_matches_dense_definition(dtype, seed):
     ow, mw, lw = dense(L, V, a1 | a2)
     args = (to_sbh(o1).to(dtype), stats8(m1), stats8(l1), to_sbh(o2).to(dtype), stats8(m2), stats8(l2))
     before = [a.clone() for a in args]
-    got = ring_attention_update(*args)
+    got = npu_ring_attention_update(*args)
     assert all(torch.equal(a, b) for a, b in zip(args, before)), "inputs were modified"
     assert_merge_matches(got, to_sbh(ow), mw, lw, dtype)
     out = got[0].view(*got[0].shape[:2], 3, -1)
     assert (out[2] == 0).all() and (out[3, 0, 1] == 0).all(), "rows invalid on both sides must be 0"
     # symmetric: swapping the sides gives the same bits
-    swapped = ring_attention_update(*args[3:], *args[:3], layout="SBH")
+    swapped = npu_ring_attention_update(*args[3:], *args[:3], input_layout="SBH")
     assert all(torch.equal(a, b) for a, b in zip(got, swapped))
 
 
@@ -93,7 +94,7 @@ def test_both_invalid_everywhere_stays_invalid():
     o = torch.zeros(4, 2, 6)
     m = torch.full((2, 3, 4, 8), -FLT_MAX)
     s = torch.full((2, 3, 4, 8), FLT_MAX)
-    out, mm, ss = ring_attention_update(o, m, s, o.clone(), m.clone(), s.clone())
+    out, mm, ss = npu_ring_attention_update(o, m, s, o.clone(), m.clone(), s.clone())
     assert torch.equal(out, o) and torch.equal(mm, m) and torch.equal(ss, s)
 
 
@@ -102,7 +103,7 @@ def test_extreme_maxima_do_not_overflow():
     o1, o2 = torch.ones(1, 1, 4), torch.full((1, 1, 4), 2.0)
     m1, m2 = torch.full((1, 1, 1, 8), 3.0e38), torch.full((1, 1, 1, 8), -3.0e38)
     l1, l2 = torch.full((1, 1, 1, 8), 2.0), torch.full((1, 1, 1, 8), 5.0)
-    out, m, l = ring_attention_update(o1, m1, l1, o2, m2, l2)
+    out, m, l = npu_ring_attention_update(o1, m1, l1, o2, m2, l2)
     assert torch.equal(out, o1) and torch.equal(m, m1) and torch.equal(l, l1)
 
 
@@ -139,8 +140,9 @@ def test_tnd_matches_dense_definition(softmax_layout, cum, leading_zero, dtype):
         res.append((o, tnd_stats(m, eff, softmax_layout, T), tnd_stats(l, eff, softmax_layout, T), m, l))
     seq = ([0] + cum) if leading_zero else cum
     for seq_arg in (seq, torch.tensor(seq, dtype=torch.int64)):
-        got = ring_attention_update(res[0][0].to(dtype), res[0][1], res[0][2], res[1][0].to(dtype), res[1][1],
-                                    res[1][2], seq_arg, "TND", softmax_layout=softmax_layout)
+        got = npu_ring_attention_update(res[0][0].to(dtype), res[0][1], res[0][2], res[1][0].to(dtype), res[1][1],
+                                        res[1][2], actual_seq_qlen=seq_arg, input_layout="TND",
+                                        input_softmax_layout=softmax_layout or "SBH")
         out, m, l = got
         assert torch.equal(m, res[2][1])
         valid = (res[2][1] != -FLT_MAX) & (res[2][2] != 0)
@@ -166,7 +168,7 @@ def test_chaining_fascore_calls_equals_the_full_call():
     h = 9
     p1 = fascore.npu_fusion_attention_v2(q, k[:h], v[:h], N, "SBH", atten_mask=mask[:, :h].contiguous(), **kw)
     p2 = fascore.npu_fusion_attention_v2(q, k[h:], v[h:], N, "SBH", atten_mask=mask[:, h:].contiguous(), **kw)
-    out, m, l = ring_attention_update(p1[0], p1[1], p1[2], p2[0], p2[1], p2[2])
+    out, m, l = npu_ring_attention_update(p1[0], p1[1], p1[2], p2[0], p2[1], p2[2])
     torch.testing.assert_close(out, full[0], rtol=0, atol=2e-6)
     # the halves' logits come from GEMMs of other shapes: equal up to float32 rounding, not bitwise
     torch.testing.assert_close(m, full[1], rtol=1e-6, atol=0)
@@ -189,7 +191,8 @@ def test_chaining_fascore_tnd_calls():
     c1, c2 = [2, 4, 6], [3, 8, 14]
     p1 = fascore.npu_fusion_attention(q, k[first], v[first], N, "TND", scale=0.4, actual_seq_qlen=cq, actual_seq_kvlen=c1)
     p2 = fascore.npu_fusion_attention(q, k[rest], v[rest], N, "TND", scale=0.4, actual_seq_qlen=cq, actual_seq_kvlen=c2)
-    out, m, l = ring_attention_update(p1[0], p1[1], p1[2], p2[0], p2[1], p2[2], torch.tensor([0] + cq), "TND")
+    out, m, l = npu_ring_attention_update(p1[0], p1[1], p1[2], p2[0], p2[1], p2[2],
+                                          actual_seq_qlen=torch.tensor([0] + cq), input_layout="TND")
     torch.testing.assert_close(out, full[0], rtol=0, atol=2e-6)
     # the halves' logits come from GEMMs of other shapes: equal up to float32 rounding, not bitwise
     torch.testing.assert_close(m, full[1], rtol=1e-6, atol=0)
@@ -207,8 +210,8 @@ def test_three_way_merge_any_order(cuts, seed):
     ps = [dense(L, V, p) for p in parts]
     ps = [(to_sbh(o).float(), stats8(m), stats8(l)) for o, m, l in ps]
     want = dense(L, V, allowed)
-    left = ring_attention_update(*ring_attention_update(*ps[0], *ps[1]), *ps[2])
-    right = ring_attention_update(*ps[0], *ring_attention_update(*ps[1], *ps[2]))
+    left = npu_ring_attention_update(*npu_ring_attention_update(*ps[0], *ps[1]), *ps[2])
+    right = npu_ring_attention_update(*ps[0], *npu_ring_attention_update(*ps[1], *ps[2]))
     for got in (left, right):
         assert_merge_matches(got, to_sbh(want[0]), want[1], want[2], torch.float32)
 
@@ -220,9 +223,9 @@ def _args():
 
 
 @pytest.mark.parametrize("change,kw,match", [
-    (None, dict(layout="BSH"), "layout"),
-    (None, dict(layout="TND"), "T, N, 8"),
-    (None, dict(actual_seq_qlen=[4]), "only for layout 'TND'"),
+    (None, dict(input_layout="BSH"), "input_layout='BSH'"),
+    (None, dict(input_layout="TND"), "T, N, 8"),
+    (None, dict(actual_seq_qlen=[4]), "only for input_layout 'TND'"),
     ((3, torch.zeros(4, 2, 6, dtype=torch.float16)), {}, "cur_attn_out"),
     ((1, torch.zeros(2, 3, 4, 8, dtype=torch.float64)), {}, "float32"),
     ((5, torch.zeros(2, 3, 4, 7)), {}, "shape"),
@@ -230,7 +233,7 @@ def _args():
     ((0, torch.zeros(4, 2, 7)), {}, "cur_attn_out"),
     ((0, None), {}, "prev_attn_out=None"),
     ((0, torch.zeros(4, 2, 6, dtype=torch.int32)), {}, "dtype"),
-    (None, dict(softmax_layout="TND"), "softmax_layout"),
+    (None, dict(input_softmax_layout="BNSD"), "input_softmax_layout='BNSD'"),
 ])
 def test_sbh_errors(change, kw, match):
     args = _args()
@@ -239,7 +242,7 @@ def test_sbh_errors(change, kw, match):
         if change[0] == 0 and change[1] is not None and change[1].dtype == torch.float32:
             args[3] = torch.zeros(4, 2, 6)  # only prev changes: mismatch
     with pytest.raises(FlashAttentionError, match=match) as ei:
-        ring_attention_update(*args, **kw)
+        npu_ring_attention_update(*args, **kw)
     assert ei.value.status == 161002
 
 
@@ -248,11 +251,63 @@ def test_tnd_errors():
     s = torch.zeros(6, 2, 8)
     args = (o, s, s, o, s, s)
     with pytest.raises(FlashAttentionError, match="required"):
-        ring_attention_update(*args, layout="TND")
+        npu_ring_attention_update(*args, input_layout="TND")
     with pytest.raises(FlashAttentionError, match="non-decreasing"):
-        ring_attention_update(*args, [4, 2, 6], "TND")
+        npu_ring_attention_update(*args, actual_seq_qlen=[4, 2, 6], input_layout="TND")
     with pytest.raises(FlashAttentionError, match="exceeds T"):
-        ring_attention_update(*args, [4, 7], "TND")
+        npu_ring_attention_update(*args, actual_seq_qlen=[4, 7], input_layout="TND")
     with pytest.raises(FlashAttentionError, match="list of ints"):
-        ring_attention_update(*args, [1.5], "TND")
-    ring_attention_update(*args, [0, 2, 6], "tnd", softmax_layout="tnd")  # case-insensitive, leading 0
+        npu_ring_attention_update(*args, actual_seq_qlen=[1.5], input_layout="TND")
+    npu_ring_attention_update(*args, actual_seq_qlen=[0, 2, 6], input_layout="tnd",
+                              input_softmax_layout="tnd")  # case-insensitive, leading 0
+
+
+def test_signature_is_torch_npus():
+    import inspect
+    sig = inspect.signature(npu_ring_attention_update)
+    assert list(sig.parameters) == ["prev_attn_out", "prev_softmax_max", "prev_softmax_sum", "cur_attn_out",
+                                    "cur_softmax_max", "cur_softmax_sum", "actual_seq_qlen", "input_layout",
+                                    "input_softmax_layout"]
+    kinds = [p.kind for p in sig.parameters.values()]
+    assert kinds[6:] == [inspect.Parameter.KEYWORD_ONLY] * 3
+    assert [sig.parameters[n].default for n in ("actual_seq_qlen", "input_layout", "input_softmax_layout")] == \
+        [None, "SBH", ""]
+    assert fascore.npu_ring_attention_update is npu_ring_attention_update
+    assert "npu_ring_attention_update" in fascore.__all__
+
+
+def test_softmax_layout_is_read_only_with_tnd():
+    """input_softmax_layout only applies to TND (torch_npu's doc); "SBH" is "" there."""
+    args = _args()
+    base = npu_ring_attention_update(*args)
+    for lay in ("SBH", "TND"):
+        assert all(torch.equal(a, b) for a, b in zip(npu_ring_attention_update(*args, input_softmax_layout=lay), base))
+    g = torch.Generator().manual_seed(2)
+    o = [torch.randn(7, 2, 4, generator=g) for _ in range(2)]
+    st = [torch.rand(7, 2, 1, generator=g).expand(7, 2, 8).contiguous() + 0.5 for _ in range(4)]
+    tnd = dict(actual_seq_qlen=[3, 7], input_layout="TND")
+    a = npu_ring_attention_update(o[0], st[0], st[1], o[1], st[2], st[3], **tnd)
+    b = npu_ring_attention_update(o[0], st[0], st[1], o[1], st[2], st[3], input_softmax_layout="SBH", **tnd)
+    c = npu_ring_attention_update(o[0], st[0], st[1], o[1], st[2], st[3], input_softmax_layout="TND", **tnd)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])  # another memory order of the same statistics
+
+
+def test_old_spellings_warn_and_agree():
+    g = torch.Generator().manual_seed(5)
+    o = [torch.randn(7, 2, 4, generator=g) for _ in range(2)]
+    st = [torch.rand(7, 2, 1, generator=g).expand(7, 2, 8).contiguous() + 0.5 for _ in range(4)]
+    args = (o[0], st[0], st[1], o[1], st[2], st[3])
+    want = npu_ring_attention_update(*args, actual_seq_qlen=[3, 7], input_layout="TND", input_softmax_layout="TND")
+    for call in (lambda: ring_attention_update(*args, [3, 7], "TND", softmax_layout="TND"),
+                 lambda: ring_attention_update(*args, actual_seq_qlen=[3, 7], layout="TND", softmax_layout="TND")):
+        with pytest.warns(DeprecationWarning, match="deprecated"):
+            got = call()
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new keywords through the old name: no warning
+        got = ring_attention_update(*args, actual_seq_qlen=[3, 7], input_layout="TND", input_softmax_layout="TND")
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    with pytest.raises(FlashAttentionError, match="input_layout only"):
+        ring_attention_update(*args, layout="TND", input_layout="TND")

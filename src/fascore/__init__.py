@@ -15,13 +15,14 @@ from .errors import (ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, ACLNN_ERR
 from .rng import _npu_dropout_gen_mask, manual_seed, npu_dropout_gen_mask
 from . import aclnn  # noqa: E402  (after the API it wraps)
 from . import distributed  # noqa: E402
-from .distributed import ring_attention_update  # noqa: E402
+from .distributed import npu_ring_attention_update, ring_attention_update  # noqa: E402
 from .tools.capture import capture  # noqa: E402
 from .api.attention import attention  # noqa: E402  (flash-attn / SDPA conventions over v2)
 
 __all__ = [
     "npu_fusion_attention", "npu_fusion_attention_v2", "npu_fusion_attention_v3", "npu_fusion_attention_grad",
     "npu_fusion_attention_grad_v2", "npu_fusion_attention_grad_v3", "ring_attention_update",
+    "npu_ring_attention_update",
     "_npu_dropout_gen_mask", "npu_dropout_gen_mask", "manual_seed", "capture", "FlashAttentionError",
     "ACLNN_SUCCESS", "ACLNN_ERR_PARAM_NULLPTR", "ACLNN_ERR_PARAM_INVALID", "ACLNN_ERR_RUNTIME_ERROR",
     "aclnn", "distributed", "use_engine", "set_default_engine", "available_engines", "current_engine_name",

@@ -1,568 +1,379 @@
-"""Context parallelism: ring attention over ``torch.distributed`` (gloo on CPU, nccl on CUDA).
+"""Ring attention over ``torch.distributed`` (gloo on CPU, nccl on CUDA).
 
-Each of the W processes of a group holds a shard of the sequence (``shard``/``unshard``).
+Each of the W ranks of a group holds a shard of the sequence (``fascore.distributed.shard``).
 ``ring_attention`` computes, for this rank's query rows, attention over the whole (global)
-sequence: the K/V shards travel around the ring with point-to-point ``batch_isend_irecv``
-(the next shard is in flight while the current one is computed), every step runs
-``npu_fusion_attention_v2`` on (query chunk, key chunk) pairs with the pair's part of the global
-mask, and partial results are merged through their (max, sum) statistics
-(``fascore.distributed.merge.merge_partials``, the core of ``ring_attention_update``). Backward sends K/V
-around again together with float32 dK/dV accumulators; every pair calls
-``npu_fusion_attention_grad_v2`` with this rank's *global* statistics and output, which makes
-each pair's dq/dk/dv an exact partial sum.
+sequence: K/V shards travel around the ring with ``batch_isend_irecv`` (the next shard is in
+flight while the current one is computed); at step s the rank works on the shard of rank r - s,
+as the local calls of ``fascore.distributed.plan`` (one per rectangle of the global mask, TND:
+one per mask form, documents as sequences), and merges their partial results through their
+(max, sum) statistics (``npu_ring_attention_update``'s formula). Backward sends K/V around
+again with float32 dK/dV accumulators (float64 for float64 inputs) that collect every rank's
+contribution and take one extra hop home; their transfer overlaps the next step's compute.
+Every backward call gets this rank's *global* statistics and output, so its dq/dk/dv are exact
+partial sums.
 
-Sharding: the global sequence is cut into C equal chunks; "zigzag" (C = 2W) gives rank r chunks
-r and 2W-1-r (balances causal work), "contiguous" (C = W) gives chunk r. A rank's rows are its
-chunks in increasing global order.
-
-Dropout (keep_prob < 1): pair (query chunk a, key chunk b) of the global C x C chunk grid uses
-semantics §5's generated mask with the call's seed and offset + (a*C + b) * B*N1*cq*pad16(ck) (the
-pair's element count in the padded numbering, a multiple of 16, so pairs use disjoint Philox
-counters), elements numbered inside the pair as in semantics §5. The masks are a deterministic
-function of (seed, offset, W, load_balance), the same in forward and backward, but differ from
-the single-process op's mask for the same seed (semantics §5's element numbering is global). With
-seed == 0 every rank draws (seed, offset) from its emulated NPU generator
-(``philox_engine_inputs(10)``, as the local op would) and rank 0's pair is broadcast.
+Dropout is the single-process op's mask (semantics §5, with its seed/offset and numbering):
+each local call receives its block of the global keep mask as an explicit ``dropout_mask``,
+in forward and in backward. A ``sink`` joins every row once, merged after the last step.
 """
 from __future__ import annotations
 
-import math
-import warnings
-from dataclasses import dataclass
+import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..api import npu_fusion_attention_grad_v2, npu_fusion_attention_v2
 from ..canonical.layouts import from_bnsd, to_bnsd
 from ..errors import invalid
 from ..limits import FLT_MAX
-from ..rng.generator import default_generator
-from ..rng.philox import pad16
-from ..spec import build_problem
-from .merge import _weights
+from .comm import P2P, Group, group_of, pack, unpack
+from .context import Heads, check_keywords, local_backward, local_forward, tnd_stats
+from .merge import merge_partials
+from .plan import Call, RingPlan, setup
+from .shards import LOAD_BALANCES, layout_name, shard, unshard
 
-__all__ = ["shard", "unshard", "ring_attention", "pair_dropout_offset", "LOAD_BALANCES"]
+__all__ = ["shard", "unshard", "ring_attention", "LOAD_BALANCES", "last_timings"]
 
-LOAD_BALANCES = ("zigzag", "contiguous")
-_SEQ_DIM = {"BSH": 1, "SBH": 0, "BSND": 1, "BNSD": 2}
-_INT32_MAX = 2147483647
-_UNBOUNDED = 1 << 40
 _TAG_KV, _TAG_DKV = 11, 12
-
-# npu_fusion_attention_v2 keywords a ring can honour, and those it cannot split.
-_PASS = ("scale", "keep_prob", "inner_precise", "seed", "offset", "pse", "pse_type", "q_start_idx",
-         "kv_start_idx", "atten_mask", "sparse_mode", "pre_tokens", "next_tokens", "padding_mask",
-         "gen_mask_parallel", "sync", "softmax_layout")
-_CANNOT_SPLIT = {
-    "query_rope": "query_rope/key_rope are not supported by ring_attention",
-    "key_rope": "query_rope/key_rope are not supported by ring_attention",
-    "prefix": "prefix (sparse_mode 5/6) cannot be split across a ring",
-    "actual_seq_qlen": "TND (varlen) cannot be split across a ring",
-    "actual_seq_kvlen": "TND (varlen) cannot be split across a ring",
-    "sink": "sink is not supported by ring_attention (it would join every step's softmax)",
-    "dropout_mask": "an explicit dropout_mask holds global element indices; ring_attention generates "
-                    "per-step masks (give keep_prob, seed, offset)",
-}
+_TIMINGS: dict[str, float] = {}
 
 
-# --------------------------------------------------------------------------- sharding
-def _layout(input_layout: Any, what: str = "input_layout") -> str:
-    if not isinstance(input_layout, str):
-        raise invalid(f"{what}={input_layout!r}: must be one of BSH, SBH, BSND, BNSD")
-    lay = input_layout.upper()
-    if lay == "TND":
-        raise invalid(f"{what}='TND': varlen sequences cannot be split by position; use BSH, SBH, BSND or BNSD")
-    if lay not in _SEQ_DIM:
-        raise invalid(f"{what}={input_layout!r}: must be one of BSH, SBH, BSND, BNSD")
-    return lay
+def last_timings() -> dict[str, float]:
+    """Seconds spent in the last ring call on this process: ``fwd_compute``, ``fwd_wait``,
+    ``bwd_compute``, ``bwd_wait`` (waiting for transfers that compute did not hide), ``bwd_tail``
+    (the dK/dV hop home)."""
+    return dict(_TIMINGS)
 
 
-def _load_balance(load_balance: Any) -> str:
-    if load_balance not in LOAD_BALANCES:
-        raise invalid(f"load_balance={load_balance!r}: must be 'zigzag' or 'contiguous'")
-    return load_balance
+def _ct(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _num_chunks(world_size: int, load_balance: str) -> int:
-    return 2 * world_size if load_balance == "zigzag" else world_size
+# --------------------------------------------------------------------------- call inputs
+def _rows(plan: RingPlan, call: Call) -> Tensor | None:
+    """TND: local row index of the call's queries (None: the whole shard)."""
+    if call.whole:
+        return None
+    return torch.cat([torch.arange(r.a0, r.a0 + r.rq, device=plan.device) for r in call.rects])
 
 
-def _chunks_of(rank: int, world_size: int, load_balance: str) -> tuple[int, ...]:
-    """Global chunk indices held by ``rank``, in the order of its rows."""
-    if load_balance == "zigzag":
-        return (rank, 2 * world_size - 1 - rank)
-    return (rank,)
+def _cols(plan: RingPlan, call: Call) -> Tensor | None:
+    if call.whole:
+        return None
+    return torch.cat([torch.arange(r.c0, r.c0 + r.rk, device=plan.device) for r in call.rects])
 
 
-def shard(x: Tensor, input_layout: str, rank: int, world_size: int, load_balance: str = "zigzag") -> Tensor:
-    """This rank's part of a full-sequence tensor ``x`` in ``input_layout`` (a new tensor).
-
-    The sequence axis (BSH/BSND: 1, SBH: 0, BNSD: 2; statistics [B, N, S, 8]: use "BNSD") is cut
-    into 2W ("zigzag": rank r gets chunks r and 2W-1-r) or W ("contiguous": chunk r) equal chunks.
-    """
-    lay = _layout(input_layout)
-    lb = _load_balance(load_balance)
-    if not isinstance(x, Tensor):
-        raise invalid(f"x={type(x).__name__}: must be a torch.Tensor")
-    for name, v in (("world_size", world_size), ("rank", rank)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise invalid(f"{name}={v!r}: must be an int")
-    if world_size < 1:
-        raise invalid(f"world_size={world_size}: must be >= 1")
-    if not 0 <= rank < world_size:
-        raise invalid(f"rank={rank}: must be in [0, world_size={world_size})")
-    dim = _SEQ_DIM[lay]
-    if x.dim() <= dim:
-        raise invalid(f"x shape {list(x.shape)}: layout {lay} has its sequence on axis {dim}")
-    s, c = x.shape[dim], _num_chunks(world_size, lb)
-    if s % c:
-        raise invalid(f"x sequence length {s} (axis {dim} of {lay}): must be a multiple of {c} "
-                      f"({lb} over world_size={world_size})")
-    size = s // c
-    return torch.cat([x.narrow(dim, i * size, size) for i in _chunks_of(rank, world_size, lb)], dim)
+def _take(plan: RingPlan, x: Tensor | None, call: Call, idx: Tensor | None, key_side: bool) -> Tensor | None:
+    """The call's rows of a local tensor: a view (dense) or a gather (TND)."""
+    if x is None or call.whole:
+        return x
+    if plan.tnd:
+        return x.index_select(0, idx)
+    r = call.rects[0]
+    return x.narrow(plan.dim, r.c0, r.rk) if key_side else x.narrow(plan.dim, r.a0, r.rq)
 
 
-def unshard(shards: Any, input_layout: str, load_balance: str = "zigzag") -> Tensor:
-    """The full-sequence tensor from the W shards ``shards[r]`` made by ``shard(x, ..., r, W)``."""
-    lay = _layout(input_layout)
-    lb = _load_balance(load_balance)
-    if not isinstance(shards, (list, tuple)) or not shards or not all(isinstance(t, Tensor) for t in shards):
-        raise invalid("shards: must be a non-empty list of tensors, one per rank")
-    w = len(shards)
-    dim = _SEQ_DIM[lay]
-    shape = tuple(shards[0].shape)
-    if any(tuple(t.shape) != shape for t in shards) or len(shape) <= dim:
-        raise invalid(f"shards: all W={w} shards must have one shape with a sequence axis {dim} "
-                      f"({lay}); got {[list(t.shape) for t in shards]}")
-    per = len(_chunks_of(0, w, lb))
-    if shape[dim] % per:
-        raise invalid(f"shards: sequence length {shape[dim]} must be a multiple of {per} for {lb}")
-    size = shape[dim] // per
-    pieces: list[Tensor | None] = [None] * _num_chunks(w, lb)
-    for r, t in enumerate(shards):
-        for k, g in enumerate(_chunks_of(r, w, lb)):
-            pieces[g] = t.narrow(dim, k * size, size)
-    return torch.cat(pieces, dim)  # type: ignore[arg-type]
+def _call_kw(plan: RingPlan, call: Call, kr: Tensor | None, qr: Tensor | None) -> dict:
+    kw = dict(plan.base_kw, **call.kw)
+    bits = plan.dropout_mask(call)
+    if bits is not None:
+        kw["dropout_mask"] = bits
+    if plan.pse is not None:
+        kw["pse"] = plan.pse_block(call.rects[0])
+    if qr is not None:
+        kw.update(query_rope=qr, key_rope=kr)
+    return kw
 
 
-def pair_dropout_offset(offset: int, q_chunk: int, k_chunk: int, num_chunks: int, batch: int, n1: int,
-                        cq: int, ck: int) -> int:
-    """Philox offset of the (global query chunk, global key chunk) pair (see module docstring)."""
-    return offset + (q_chunk * num_chunks + k_chunk) * batch * n1 * cq * pad16(ck)
+# --------------------------------------------------------------------------- forward
+class _State:
+    """Running (out, max, sum) of this rank's query rows, in the compute dtype."""
+
+    def __init__(self, plan: RingPlan, n: int, ct: torch.dtype) -> None:
+        self.plan, dev = plan, plan.device
+        shape = (n, plan.h) if plan.tnd else (plan.batch, plan.h, n)
+        self.o = torch.zeros(*shape, plan.dv, dtype=ct, device=dev)
+        self.m = torch.full(shape, -FLT_MAX, dtype=ct, device=dev)
+        self.l = torch.full(shape, FLT_MAX, dtype=ct, device=dev)
+
+    def merge(self, call: Call, idx: Tensor | None, o: Tensor, m: Tensor, l: Tensor) -> None:
+        p = self.plan
+        if not p.tnd:
+            r = call.rects[0]
+            o4 = to_bnsd(o, p.layout, p.h).to(self.o.dtype)
+            sl = (slice(None), slice(None), slice(r.a0, r.a0 + r.rq))
+            res = merge_partials(self.o[sl], self.m[sl], self.l[sl], o4, m[..., 0].to(self.o.dtype),
+                                 l[..., 0].to(self.o.dtype))
+            self.o[sl], self.m[sl], self.l[sl] = res
+            return
+        ct = self.o.dtype
+        if idx is None:
+            self.o, self.m, self.l = merge_partials(self.o, self.m, self.l, o.to(ct), m[..., 0].to(ct),
+                                                    l[..., 0].to(ct))
+            return
+        res = merge_partials(self.o[idx], self.m[idx], self.l[idx], o.to(ct), m[..., 0].to(ct), l[..., 0].to(ct))
+        self.o.index_copy_(0, idx, res[0])
+        self.m.index_copy_(0, idx, res[1])
+        self.l.index_copy_(0, idx, res[2])
 
 
-# --------------------------------------------------------------------------- plan
-@dataclass
-class _Plan:
-    layout: str
-    dim: int
-    n1: int
-    world: int
-    rank: int
-    lb: str
-    nch: int
-    cq: int  # query rows per chunk
-    ck: int  # key rows per chunk
-    lo: int  # global band: (i, j) takes part iff lo <= j - i <= hi
-    hi: int
-    mask: Tensor | None  # the user's compressed mask, for partial pairs
-    common: dict  # keywords every pair gets
-    alibi: bool
-    qs: int
-    ks: int
-    keep_prob: float
-    seed: int
-    offset: int
-    batch: int
-    group: Any
-    nxt: int  # global ranks of the ring neighbours
-    prv: int
-    dv: int = 0
-
-    def own(self) -> tuple[int, ...]:
-        return _chunks_of(self.rank, self.world, self.lb)
-
-    def chunks(self, rank: int) -> tuple[int, ...]:
-        return _chunks_of(rank, self.world, self.lb)
-
-    def pair(self, gq: int, gk: int) -> dict | None:
-        """Keywords of the local op for query chunk ``gq`` x key chunk ``gk``; None if fully masked."""
-        cq, ck = self.cq, self.ck
-        delta = gk * ck - gq * cq  # global j - i = local j' - i' + delta
-        lo, hi = self.lo - delta, self.hi - delta
-        if hi < -(cq - 1) or lo > ck - 1:
-            return None
-        kw = dict(self.common)
-        if self.alibi:
-            kw["q_start_idx"] = [self.qs + gq * cq]
-            kw["kv_start_idx"] = [self.ks + gk * ck]
-        if self.keep_prob < 1.0:
-            kw["seed"] = self.seed
-            kw["offset"] = pair_dropout_offset(self.offset, gq, gk, self.nch, self.batch, self.n1, cq, ck)
-        if lo > -(cq - 1) or hi < ck - 1:
-            # partial: the band through sparse_mode 4 (bottom-right origin d = ck - cq)
-            lo, hi = max(lo, -cq), min(hi, ck)
-            d = ck - cq
-            kw.update(sparse_mode=4, atten_mask=self.mask, pre_tokens=d - lo, next_tokens=hi - d)
-        return kw
+def _covered(plan: RingPlan) -> Tensor | None:
+    """TND: which local query rows belong to a document (the others are zeros everywhere)."""
+    if not plan.tnd:
+        return None
+    cov = torch.zeros(plan.lq(plan.grp.rank), dtype=torch.bool, device=plan.device)
+    for p in plan.qpieces[plan.grp.rank]:
+        if p.doc >= 0:
+            cov[p.local:p.local + p.n] = True
+    return cov
 
 
-def _int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise invalid(f"{name}={v!r}: must be an int")
-    if not -_INT32_MAX - 1 <= v <= _INT32_MAX:
-        raise invalid(f"{name}={v}: must be in int32 range")
-    return v
+def _finish(plan: RingPlan, st: _State) -> tuple[Tensor, Tensor, Tensor]:
+    """Sink merged once per row; TND rows outside every document zeroed; caller's layout."""
+    cov = _covered(plan)
+    if plan.sink is not None:
+        ct = st.o.dtype
+        sink = plan.sink.detach().to(ct)
+        ms = sink.view(1, -1).expand_as(st.m) if plan.tnd else sink.view(1, -1, 1).expand_as(st.m)
+        o, m, l = merge_partials(st.o, st.m, st.l, torch.zeros_like(st.o), ms, torch.ones_like(st.l))
+        keep = cov.view(-1, 1) if cov is not None else torch.ones((), dtype=torch.bool, device=plan.device)
+        st.o = torch.where(keep.unsqueeze(-1), o, st.o)
+        st.m, st.l = torch.where(keep, m, st.m), torch.where(keep, l, st.l)
+    if cov is not None:
+        st.o[~cov] = 0
+        st.m[~cov] = 0
+        st.l[~cov] = 0
+    out = st.o.to(plan.dtype) if plan.tnd else from_bnsd(st.o.to(plan.dtype), plan.layout)
+    return out, st.m.float(), st.l.float()
 
 
-def _band_rule(pre: int, nxt: int, d: int, sq: int, skv: int) -> None:
-    """semantics §4 band rules on the global geometry, for sparse_mode 4 (top-left pre' = pre - d, next' = next + d)."""
-    p, n = pre - d, nxt + d
-    bad = None
-    if p < 0 and n < 0:
-        bad = "both negative"
-    elif p < 0 and not (n >= -p and -p < skv):
-        bad = f"pre'={p} < 0 needs next' >= {-p} and |pre'| < Skv={skv}"
-    elif n < 0 and not (p >= -n and -n < sq):
-        bad = f"next'={n} < 0 needs pre' >= {-n} and |next'| < Sq={sq}"
-    if bad:
-        raise invalid(f"sparse_mode=4: pre_tokens={pre} and next_tokens={nxt} over the global sequence "
-                      f"(Sq={sq}, Skv={skv}; top-left pre'={p}, next'={n}) leave the band empty: {bad}")
-
-
-def _group_info(group: Any) -> tuple[int, int, Any]:
-    """(rank in group, world size, group); a single process when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise invalid("group is given but torch.distributed is not initialised")
-        return 0, 1, None
-    g = group if group is not None else dist.group.WORLD
-    w = dist.get_world_size(g)
-    r = dist.get_rank(g)
-    if r < 0:
-        raise invalid("this process is not a member of group")
-    return r, w, g
-
-
-def _make_plan(query: Tensor, key: Tensor, value: Tensor, head_num: Any, input_layout: Any, group: Any,
-               load_balance: Any, kwargs: dict) -> _Plan:
-    for k in kwargs:
-        if k in _CANNOT_SPLIT:
-            if kwargs[k] is not None:
-                raise invalid(f"{k}: {_CANNOT_SPLIT[k]}")
-        elif k not in _PASS:
-            raise invalid(f"{k}: not a keyword of ring_attention (npu_fusion_attention_v2's keywords "
-                          f"that a split sequence allows: {', '.join(_PASS)})")
-    lay = _layout(input_layout)
-    lb = _load_balance(load_balance)
-    rank, world, g = _group_info(group)
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise invalid(f"{name}={type(t).__name__}: must be a torch.Tensor")
-    dim = _SEQ_DIM[lay]
-    if query.dim() != key.dim() or query.dim() <= dim or key.dim() <= dim:
-        raise invalid(f"query {list(query.shape)} / key {list(key.shape)}: layout {lay} needs "
-                      f"{3 if lay in ('BSH', 'SBH') else 4}-D tensors")
-    per = len(_chunks_of(0, world, lb))
-    sq_l, skv_l = query.shape[dim], key.shape[dim]
-    if sq_l % per or skv_l % per:
-        raise invalid(f"query/key shard lengths {sq_l}/{skv_l}: {lb} shards hold {per} chunks, "
-                      f"so each must be a multiple of {per}")
-    cq, ck = sq_l // per, skv_l // per
-    sq_g, skv_g = sq_l * world, skv_l * world
-    d_g = skv_g - sq_g
-
-    kw = dict(kwargs)
-    if kw.get("softmax_layout", "") not in ("", None):
-        raise invalid(f"softmax_layout={kw['softmax_layout']!r}: only '' (non-TND layouts)")
-    kw.pop("softmax_layout", None)
-    kw.pop("gen_mask_parallel", None)
-    kw.pop("sync", None)
-    mode = kw.pop("sparse_mode", 0)
-    if isinstance(mode, bool) or not isinstance(mode, int):
-        raise invalid(f"sparse_mode={mode!r}: must be an int")
-    mask = kw.pop("atten_mask", None)
-    pre = _int(kw.pop("pre_tokens", _INT32_MAX), "pre_tokens")
-    nxt = _int(kw.pop("next_tokens", _INT32_MAX), "next_tokens")
-    lo, hi = -_UNBOUNDED, _UNBOUNDED
-    if mode not in (0, 2, 3, 4):
-        raise invalid(f"sparse_mode={mode}: ring_attention supports 0 (no mask), 2/3 (causal) and 4 (band) over "
-                      "the global sequence; modes 1, 5-8 need masks or prefixes that cannot be split")
-    if mask is None:
-        if mode != 0:
-            warnings.warn(f"sparse_mode={mode} without atten_mask: nothing is masked "
-                          "(Ascend's rule: sparse_mode, pre/next tokens need a mask)", UserWarning, stacklevel=3)
-    elif mode == 0:
-        raise invalid("sparse_mode=0 with an atten_mask: a full [Sq, Skv] mask cannot be split across a ring; "
-                      "use sparse_mode 2/3 (causal) or 4 (band) with the compressed mask")
-    elif mode == 2:
-        hi = 0
-    elif mode == 3:
-        hi = d_g
-    else:
-        _band_rule(pre, nxt, d_g, sq_g, skv_g)
-        lo, hi = d_g - pre, d_g + nxt
-
-    ptype = kw.get("pse_type", 1)
-    pse = kw.get("pse")
-    alibi = ptype in (2, 3) and not isinstance(ptype, bool)
-    if pse is not None and not alibi:
-        raise invalid(f"pse with pse_type={ptype!r}: a [.., Sq, Skv] bias tensor cannot be split across a ring; "
-                      "ring_attention takes pse_type 2/3 (in-kernel ALiBi over global positions)")
-    if alibi and sq_g != skv_g:
-        raise invalid(f"pse_type={ptype} (in-kernel ALiBi) needs Sq == Skv, got global {sq_g} and {skv_g}")
-    qs = ks = 0
-    if alibi:
-        for name in ("q_start_idx", "kv_start_idx"):
-            v = kw.pop(name, None)
-            if v is not None:
-                if not isinstance(v, (list, tuple)) or not v:
-                    raise invalid(f"{name}={v!r}: must be a non-empty list of ints or None")
-                val = _int(v[0], name)
-                if name == "q_start_idx":
-                    qs = val
-                else:
-                    ks = val
-    keep_prob = kw.get("keep_prob", 1.0)
-    seed = kw.pop("seed", 0)
-    offset = kw.pop("offset", 0)
-    for name, v in (("seed", seed), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise invalid(f"{name}={v!r}: must be an int")
-    common = kw  # scale, keep_prob, inner_precise, pse, pse_type, padding_mask (+ q/kv_start_idx if not ALiBi)
-
-    if dist.is_available() and dist.is_initialized() and world > 1:
-        nxt_rank = dist.get_global_rank(g, (rank + 1) % world)
-        prv_rank = dist.get_global_rank(g, (rank - 1) % world)
-    else:
-        nxt_rank = prv_rank = 0
-    plan = _Plan(lay, dim, 0, world, rank, lb, _num_chunks(world, lb), cq, ck, lo, hi, mask, common, alibi, qs, ks,
-                 float(keep_prob) if isinstance(keep_prob, (int, float)) else 1.0, seed, offset,
-                 query.shape[0] if lay != "SBH" else query.shape[1], g, nxt_rank, prv_rank)
-
-    # Validate every argument once, before any communication, with the op's own rules: the
-    # diagonal pair (partial under a mask) and the last pair (largest dropout offset / start index).
-    q0, k0, v0 = query.narrow(dim, 0, cq), key.narrow(dim, 0, ck), value.narrow(dim, 0, ck)
-    checks = [plan.pair(gq, gk) for gq, gk in ((0, 0), (plan.nch - 1, plan.nch - 1), (plan.nch - 1, 0))]
-    checks = [c for c in checks if c is not None]
-    if mask is not None:  # the compressed mask, whether or not a checked pair needs it
-        checks.append(dict(common, atten_mask=mask, sparse_mode=3))
-    for pkw in checks or [common]:
-        prob = build_problem(q0, k0, v0, head_num, lay, draw_missing_seed=False, **pkw)
-    plan.n1, plan.dv = prob.n1, prob.dv
-    if plan.keep_prob < 1.0:
-        last = pair_dropout_offset(offset, plan.nch - 1, plan.nch - 1, plan.nch, plan.batch, plan.n1, cq, ck)
-        if last + (-(-plan.batch * plan.n1 * cq * ck // 4)) >= 2**63:
-            raise invalid(f"offset={offset}: the ring's per-pair Philox offsets would pass 2**63")
-    return plan
-
-
-# --------------------------------------------------------------------------- communication
-def _p2p(plan: _Plan, ops: list[tuple[str, Tensor, int]]) -> list[Any]:
-    """Post sends (to the next rank) and receives (from the previous one) as one batch."""
-    if not ops:
-        return []
-    p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t,
-                      plan.nxt if kind == "send" else plan.prv, plan.group, tag) for kind, t, tag in ops]
-    return dist.batch_isend_irecv(p2p)
-
-
-def _wait(reqs: list[Any]) -> None:
-    for r in reqs:
-        r.wait()
-
-
-def _pack(*ts: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.cat([t.reshape(-1).to(dtype or t.dtype) for t in ts])
-
-
-def _unpack(buf: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-    out, o = [], 0
-    for s in shapes:
-        n = math.prod(s)
-        out.append(buf[o:o + n].view(s))
-        o += n
-    return out
-
-
-def _check_consistent(plan: _Plan, query: Tensor, key: Tensor, value: Tensor) -> None:
-    """Every rank must run the same geometry and arguments (else a receive would mismatch)."""
-    if plan.world == 1:
-        return
-    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    sig = [len(query.shape), *query.shape, *key.shape, *value.shape, plan.cq, plan.ck, plan.lo % (1 << 62),
-           plan.hi % (1 << 62), int(plan.keep_prob * 2**32), plan.seed % (1 << 62), plan.offset % (1 << 62),
-           tuple(_SEQ_DIM).index(plan.layout), LOAD_BALANCES.index(plan.lb),
-           dtypes.index(query.dtype) if query.dtype in dtypes else -1, int(plan.alibi), plan.qs, plan.ks]
-    sig = (sig + [0] * 32)[:32]
-    mine = torch.tensor(sig, dtype=torch.int64, device=query.device)
-    allsig = [torch.empty_like(mine) for _ in range(plan.world)]
-    dist.all_gather(allsig, mine, group=plan.group)
-    for r, s in enumerate(allsig):
-        if not torch.equal(s, mine):
-            raise invalid(f"ring_attention: rank {r} of the group called with other shapes or arguments than "
-                          f"rank {plan.rank} (shapes q {list(query.shape)}, k {list(key.shape)}, "
-                          f"v {list(value.shape)})")
-
-
-def _resolve_seed(plan: _Plan, device: torch.device) -> None:
-    if plan.keep_prob >= 1.0 or plan.seed != 0:
-        return
-    seed, offset = default_generator(device).philox_engine_inputs(10)
-    if plan.world > 1:
-        t = torch.tensor([seed - (1 << 64) if seed >= 1 << 63 else seed, offset], dtype=torch.int64, device=device)
-        dist.broadcast(t, dist.get_global_rank(plan.group, 0), group=plan.group)
-        seed, offset = int(t[0]) % (1 << 64), int(t[1])
-    plan.seed, plan.offset = seed, offset
-
-
-# --------------------------------------------------------------------------- forward / backward
-def _ring_forward(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, head_num: int) -> tuple[Tensor, Tensor, Tensor]:
-    dim, lay = plan.dim, plan.layout
-    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
-    own = plan.own()
-    state: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(own)
-    shapes = [key.shape, value.shape]
-    kv = _pack(key, value)
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
+def _forward(plan: RingPlan, q: Tensor, k: Tensor, v: Tensor, qr: Tensor | None,
+             kr: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(out in the caller's layout, float32 row max, row sum: [B, h, Lq] or TND [Lq, h])."""
+    grp, p2p = plan.grp, P2P(plan.grp)
+    st = _State(plan, plan.lq(grp.rank), _ct(q.dtype))
+    kv = pack(*(t for t in (k, v, kr) if t is not None))
+    t_comp = t_wait = 0.0
+    for step in range(grp.world):
+        src = (grp.rank - step) % grp.world
         reqs, kv_next = [], None
-        if step < plan.world - 1:
-            kv_next = torch.empty_like(kv)
-            reqs = _p2p(plan, [("send", kv, _TAG_KV), ("recv", kv_next, _TAG_KV)])
-        k_src, v_src = _unpack(kv, shapes)
-        for a, gq in enumerate(own):
-            q_a = query.narrow(dim, a * plan.cq, plan.cq)
-            for b, gk in enumerate(plan.chunks(src)):
-                kw = plan.pair(gq, gk)
-                if kw is None:
-                    continue
-                o, m, l = npu_fusion_attention_v2(q_a, k_src.narrow(dim, b * plan.ck, plan.ck),
-                                                  v_src.narrow(dim, b * plan.ck, plan.ck), head_num, lay, **kw)[:3]
-                o, m, l = to_bnsd(o, lay, plan.n1).to(ct), m[..., 0].to(ct), l[..., 0].to(ct)
-                if state[a] is None:
-                    state[a] = (o, m, l)
-                else:
-                    o0, m0, l0 = state[a]
-                    mm, w0, w1, ll = _weights(m0, l0, m, l)
-                    state[a] = (o0 * w0.unsqueeze(-1) + o * w1.unsqueeze(-1), mm, ll)
-        _wait(reqs)
+        if step < grp.world - 1:
+            kv_next = torch.empty(_kv_numel(plan, k, v, kr, (src - 1) % grp.world), dtype=kv.dtype, device=kv.device)
+            reqs = p2p.post([(kv, _TAG_KV)], [(kv_next, _TAG_KV)])
+        t0 = time.perf_counter()
+        parts = unpack(kv, _kv_shapes(plan, k, v, kr, src))
+        ks, vs, krs = parts[0], parts[1], (parts[2] if kr is not None else None)
+        for call in plan.calls(step):
+            idx = _rows(plan, call) if plan.tnd else None
+            kidx = _cols(plan, call) if plan.tnd else None
+            qc, qrc = _take(plan, q, call, idx, False), _take(plan, qr, call, idx, False)
+            kc, vc = _take(plan, ks, call, kidx, True), _take(plan, vs, call, kidx, True)
+            kw = _call_kw(plan, call, _take(plan, krs, call, kidx, True), qrc)
+            o, m, l = local_forward(qc, kc, vc, plan.h, plan.layout, kw)
+            st.merge(call, idx, o, m, l)
+        t1 = time.perf_counter()
+        P2P.wait(reqs)
+        t_comp, t_wait = t_comp + t1 - t0, t_wait + time.perf_counter() - t1
         if kv_next is not None:
             kv = kv_next
-    # chunks that no pair reached are invalid rows
-    outs, ms, ls = [], [], []
-    for st in state:
-        if st is None:
-            shape = (plan.batch, plan.n1, plan.cq)
-            st = (torch.zeros(*shape, plan.dv, dtype=ct, device=query.device),
-                  torch.full(shape, -FLT_MAX, dtype=ct, device=query.device),
-                  torch.full(shape, FLT_MAX, dtype=ct, device=query.device))
-        outs.append(st[0])
-        ms.append(st[1])
-        ls.append(st[2])
-    out = from_bnsd(torch.cat(outs, 2).to(query.dtype), lay)
-    smax = torch.cat(ms, 2).float().unsqueeze(-1).expand(-1, -1, -1, 8).contiguous()
-    ssum = torch.cat(ls, 2).float().unsqueeze(-1).expand(-1, -1, -1, 8).contiguous()
-    return out, smax, ssum
+    _TIMINGS.update(fwd_compute=t_comp, fwd_wait=t_wait)
+    return _finish(plan, st)
 
 
-def _ring_backward(plan: _Plan, query: Tensor, key: Tensor, value: Tensor, out: Tensor, smax: Tensor,
-                   ssum: Tensor, dout: Tensor, head_num: int) -> tuple[Tensor, Tensor, Tensor]:
-    dim, lay = plan.dim, plan.layout
-    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
-    own = plan.own()
-    dq = torch.zeros(query.shape, dtype=ct, device=query.device)
-    shapes = [key.shape, value.shape]
-    kv = _pack(key, value)
-    nkv = kv.numel()
-    acc: Tensor | None = None  # dK/dV accumulator of the shard held in the previous step
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        ops: list[tuple[str, Tensor, int]] = []
-        dkv_in, kv_next = None, None
+def _seq_shape(t: Tensor, dim: int, n: int) -> list[int]:
+    s = list(t.shape)
+    s[dim] = n
+    return s
+
+
+def _kv_shapes(plan: RingPlan, k: Tensor, v: Tensor, kr: Tensor | None, r: int) -> list[list[int]]:
+    n = plan.lk(r)
+    return [_seq_shape(t, plan.dim, n) for t in (k, v, kr) if t is not None]
+
+
+def _kv_numel(plan: RingPlan, k: Tensor, v: Tensor, kr: Tensor | None, r: int) -> int:
+    return sum(int(torch.Size(s).numel()) for s in _kv_shapes(plan, k, v, kr, r))
+
+
+# --------------------------------------------------------------------------- backward
+def _stats_rows(plan: RingPlan, x: Tensor, call: Call, idx: Tensor | None) -> Tensor:
+    """The call's rows of a float32 row statistic as the grad op reads it ([..., 8] copies)."""
+    if plan.tnd:
+        rows = x if idx is None else x[idx]
+    else:
+        r = call.rects[0]
+        rows = x[:, :, r.a0:r.a0 + r.rq]
+    return rows.unsqueeze(-1).expand(*rows.shape, 8)
+
+
+def _add_rows(plan: RingPlan, acc: Tensor, g: Tensor, call: Call, idx: Tensor | None, key_side: bool) -> None:
+    if plan.tnd:
+        if idx is None:
+            acc.add_(g)
+        else:
+            acc.index_add_(0, idx, g.to(acc.dtype))
+        return
+    r = call.rects[0]
+    start, n = (r.c0, r.rk) if key_side else (r.a0, r.rq)
+    acc.narrow(plan.dim, start, n).add_(g)
+
+
+def _grad_calls(plan: RingPlan, step: int, saved: dict, parts: list[Tensor], grads: dict, dkv: list[Tensor]) -> None:
+    """Every call of one step: dq (and dq_rope, dpse) into ``grads``, dk/dv (dk_rope) into ``dkv``."""
+    q, qr, out, dout, m, l = (saved[n] for n in ("q", "qr", "out", "dout", "m", "l"))
+    ks, vs = parts[0], parts[1]
+    krs = parts[2] if len(parts) > 2 else None
+    for call in plan.calls(step):
+        idx = _rows(plan, call) if plan.tnd else None
+        kidx = _cols(plan, call) if plan.tnd else None
+        qrc = _take(plan, qr, call, idx, False)
+        kw = _call_kw(plan, call, _take(plan, krs, call, kidx, True), qrc)
+        g = local_backward(_take(plan, q, call, idx, False), _take(plan, ks, call, kidx, True),
+                           _take(plan, vs, call, kidx, True), _take(plan, dout, call, idx, False), plan.h,
+                           plan.layout, kw, _take(plan, out, call, idx, False), _stats_rows(plan, m, call, idx),
+                           _stats_rows(plan, l, call, idx))
+        _add_rows(plan, grads["dq"], g[0], call, idx, False)
+        _add_rows(plan, dkv[0], g[1], call, kidx, True)
+        _add_rows(plan, dkv[1], g[2], call, kidx, True)
+        if qr is not None:
+            _add_rows(plan, grads["dqr"], g[5], call, idx, False)
+            _add_rows(plan, dkv[2], g[6], call, kidx, True)
+        if plan.pse is not None and g[3] is not None:
+            plan.add_dpse(grads["dpse"], call.rects[0], g[3])
+
+
+def _dsink(plan: RingPlan, saved: dict) -> Tensor:
+    """d loss / d sink of this rank's rows: -sum_i exp(sink - m_i) / l_i * sum(dy_i * out_i) (semantics §6)."""
+    ct = _ct(plan.dtype)
+    out, dout, m, l = saved["out"], saved["dout"], saved["m"].to(ct), saved["l"].to(ct)
+    if plan.tnd:
+        r = (dout.to(ct) * out.to(ct)).sum(-1)  # [Lq, h]
+        sink = plan.sink.detach().to(ct).view(1, -1)
+        live = (l > 0)
+        p = torch.where(live, torch.exp(sink - m) / torch.where(live, l, torch.ones_like(l)), torch.zeros_like(l))
+        return (-(p * r)).sum(0).float()
+    r = (to_bnsd(dout, plan.layout, plan.h).to(ct) * to_bnsd(out, plan.layout, plan.h).to(ct)).sum(-1)
+    p = torch.exp(plan.sink.detach().to(ct).view(1, -1, 1) - m) / l
+    return (-(p * r)).sum((0, 2)).float()
+
+
+def _backward(plan: RingPlan, saved: dict) -> dict:
+    grp, p2p = plan.grp, P2P(plan.grp)
+    q, k, v, kr, qr = (saved[n] for n in ("q", "k", "v", "kr", "qr"))
+    ct = _ct(q.dtype)
+    grads = dict(dq=torch.zeros(q.shape, dtype=ct, device=q.device))
+    if qr is not None:
+        grads["dqr"] = torch.zeros(qr.shape, dtype=ct, device=q.device)
+    if plan.pse is not None:
+        grads["dpse"] = torch.zeros(plan.pse.shape, dtype=ct, device=q.device)
+    kv = pack(*(t for t in (k, v, kr) if t is not None))
+    acc: Tensor | None = None  # dK/dV of the shard held at the previous step
+    t_comp = t_wait = 0.0
+    for step in range(grp.world):
+        src = (grp.rank - step) % grp.world
+        sends, recvs, dkv_in, kv_next = [], [], None, None
         if step >= 1:
-            dkv_in = torch.empty(nkv, dtype=ct, device=query.device)
-            ops += [("send", acc, _TAG_DKV), ("recv", dkv_in, _TAG_DKV)]
-        if step < plan.world - 1:
-            kv_next = torch.empty_like(kv)
-            ops += [("send", kv, _TAG_KV), ("recv", kv_next, _TAG_KV)]
-        reqs = _p2p(plan, ops)
-        k_src, v_src = _unpack(kv, shapes)
-        local = torch.zeros(nkv, dtype=ct, device=query.device)
-        dk_loc, dv_loc = _unpack(local, shapes)
-        for a, gq in enumerate(own):
-            rows = slice(a * plan.cq, (a + 1) * plan.cq)
-            q_a = query.narrow(dim, a * plan.cq, plan.cq)
-            for b, gk in enumerate(plan.chunks(src)):
-                kw = plan.pair(gq, gk)
-                if kw is None:
-                    continue
-                if "scale" in kw:
-                    kw["scale_value"] = kw.pop("scale")
-                g = npu_fusion_attention_grad_v2(
-                    q_a, k_src.narrow(dim, b * plan.ck, plan.ck), v_src.narrow(dim, b * plan.ck, plan.ck),
-                    dout.narrow(dim, a * plan.cq, plan.cq), head_num, lay,
-                    softmax_max=smax[:, :, rows], softmax_sum=ssum[:, :, rows],
-                    attention_in=out.narrow(dim, a * plan.cq, plan.cq), **kw)
-                dq.narrow(dim, a * plan.cq, plan.cq).add_(g[0])
-                dk_loc.narrow(dim, b * plan.ck, plan.ck).add_(g[1])
-                dv_loc.narrow(dim, b * plan.ck, plan.ck).add_(g[2])
-        _wait(reqs)
+            dkv_in = torch.empty(_kv_numel(plan, k, v, kr, src), dtype=ct, device=q.device)
+            sends.append((acc, _TAG_DKV))
+            recvs.append((dkv_in, _TAG_DKV))
+        if step < grp.world - 1:
+            kv_next = torch.empty(_kv_numel(plan, k, v, kr, (src - 1) % grp.world), dtype=kv.dtype, device=kv.device)
+            sends.append((kv, _TAG_KV))
+            recvs.append((kv_next, _TAG_KV))
+        reqs = p2p.post(sends, recvs)
+        t0 = time.perf_counter()
+        shapes = _kv_shapes(plan, k, v, kr, src)
+        local = torch.zeros(_kv_numel(plan, k, v, kr, src), dtype=ct, device=q.device)
+        _grad_calls(plan, step, saved, unpack(kv, shapes), grads, unpack(local, shapes))
+        t1 = time.perf_counter()
+        P2P.wait(reqs)
+        t_comp, t_wait = t_comp + t1 - t0, t_wait + time.perf_counter() - t1
         if dkv_in is not None:
             local.add_(dkv_in)
         acc = local
         if kv_next is not None:
             kv = kv_next
-    if plan.world > 1:
-        final = torch.empty(nkv, dtype=ct, device=query.device)
-        _wait(_p2p(plan, [("send", acc, _TAG_DKV), ("recv", final, _TAG_DKV)]))
+    t2 = time.perf_counter()
+    if grp.world > 1:
+        final = torch.empty(_kv_numel(plan, k, v, kr, grp.rank), dtype=ct, device=q.device)
+        P2P.wait(p2p.post([(acc, _TAG_DKV)], [(final, _TAG_DKV)]))
         acc = final
-    dk, dv = _unpack(acc, shapes)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+    _TIMINGS.update(bwd_compute=t_comp, bwd_wait=t_wait, bwd_tail=time.perf_counter() - t2)
+    parts = unpack(acc, _kv_shapes(plan, k, v, kr, grp.rank))
+    grads.update(dk=parts[0], dv=parts[1])
+    if kr is not None:
+        grads["dkr"] = parts[2]
+    if plan.sink is not None:
+        grads["dsink"] = _dsink(plan, saved)
+    return grads
 
 
-class _RingAttention(torch.autograd.Function):
+
+# --------------------------------------------------------------------------- autograd and API
+def user_stats(plan: RingPlan, m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
+    """Row statistics in the caller's form: [B, N, S, 8], or TND [T, N, 8] in ``softmax_layout``
+    over this rank's local document lengths (``shard_seq_lens``)."""
+    if not plan.tnd:
+        return (m.unsqueeze(-1).expand(*m.shape, 8).contiguous(), l.unsqueeze(-1).expand(*l.shape, 8).contiguous())
+    cum = plan.local_cum(plan.qpieces[plan.grp.rank])
+    return tnd_stats(m, cum, plan.softmax_layout), tnd_stats(l, cum, plan.softmax_layout)
+
+
+class _RingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, plan: _Plan, head_num: int, query: Tensor, key: Tensor,
-                value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out, smax, ssum = _ring_forward(plan, query, key, value, head_num)
+    def forward(ctx: Any, plan: RingPlan, q: Tensor, k: Tensor, v: Tensor, pse: Tensor | None, sink: Tensor | None,
+                qr: Tensor | None, kr: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        out, m, l = _forward(plan, q, k, v, qr, kr)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, qr, kr, out, m, l)
+        smax, ssum = user_stats(plan, m, l)
         ctx.mark_non_differentiable(smax, ssum)
-        ctx.save_for_backward(query, key, value, out, smax, ssum)
-        ctx.plan, ctx.head_num = plan, head_num
         return out, smax, ssum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor, _dmax: Any, _dsum: Any) -> tuple[Any, ...]:
-        query, key, value, out, smax, ssum = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.plan, query, key, value, out, smax, ssum, dout.contiguous(), ctx.head_num)
-        return None, None, dq, dk, dv
+        q, k, v, qr, kr, out, m, l = ctx.saved_tensors
+        plan = ctx.plan
+        saved = dict(q=q, k=k, v=v, qr=qr, kr=kr, out=out, dout=dout.contiguous(), m=m, l=l)
+        g = _backward(plan, saved)
+        dpse = g["dpse"].to(plan.pse.dtype) if "dpse" in g else None
+        return (None, g["dq"].to(q.dtype), g["dk"].to(k.dtype), g["dv"].to(v.dtype), dpse, g.get("dsink"),
+                g["dqr"].to(qr.dtype) if qr is not None else None, g["dkr"].to(kr.dtype) if kr is not None else None)
+
+
+def run_ring(query: Tensor, key: Tensor, value: Tensor, head_num: Any, lay: str, kw: dict, grp: Group,
+             load_balance: Any, heads: Heads | None = None, resolved: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """ring_attention on checked keywords (``heads``: the query heads of a hybrid call)."""
+    plan = setup(query, key, value, head_num, lay, load_balance, kw, grp, heads, resolved)
+    sink = kw.get("sink") if isinstance(kw.get("sink"), Tensor) else None
+    return _RingFn.apply(plan, query, key, value, plan.pse, sink, kw.get("query_rope"), kw.get("key_rope"))
 
 
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, head_num: int, input_layout: str, *,
                    group: Any = None, load_balance: str = "zigzag", **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention of this rank's query rows over the whole sequence of the process group.
+    """Attention of this rank's query rows over the whole sequence of the process group (ring).
 
-    ``query``/``key``/``value`` are this rank's shards (``shard(x, layout, rank, W, load_balance)``)
-    in ``input_layout`` (BSH, SBH, BSND, BNSD; GQA allowed). Returns ``(attention_out,
-    softmax_max, softmax_sum)`` for the local rows (statistics float32 [B, N1, S_local, 8]), equal
-    to the rows of single-process ``npu_fusion_attention_v2`` on the full sequence; differentiable
-    w.r.t. query, key and value (gradients flow to every rank's shards through the ring).
+    ``query``/``key``/``value`` are this rank's shards (``shard(x, layout, rank, W, load_balance)``;
+    TND: ``shard(x, "TND", rank, W, load_balance, actual_seq_len=...)``) in any layout (BSH, SBH,
+    BSND, BNSD, TND; GQA/MQA). ``kwargs`` are ``npu_fusion_attention_v2``'s with their meaning on
+    the *global* sequence: ``actual_seq_qlen``/``actual_seq_kvlen`` the global cumulative lengths,
+    ``atten_mask`` the global mask (compressed, or full [Sq, Skv] / [B, 1|N1, Sq, Skv] /
+    TND [T1, T2] or [maxSq, maxSkv]) or a list of per-step masks (entry j: this rank's queries x
+    rank j's keys, in local order, sparse_mode 0/1), ``pse`` a global [B|1, N1, Sq|1, Skv] bias or
+    ALiBi slopes, ``seed``/``offset`` those of the single-process op. Returns ``(attention_out,
+    softmax_max, softmax_sum)`` for the local rows, the rows of single-process
+    ``npu_fusion_attention_v2`` on the full sequence (statistics [B, N1, S_local, 8]; TND
+    [T_local, N1, 8] in ``softmax_layout`` over ``shard_seq_lens``). Differentiable w.r.t.
+    query, key, value, query_rope, key_rope, and pse / sink (their gradients on each rank are
+    this rank's rows' share: the sum over the group is the full gradient).
 
-    ``kwargs`` are npu_fusion_attention_v2's that a split sequence allows: ``scale``,
-    ``inner_precise``, ``keep_prob`` with ``seed``/``offset`` (per-pair Philox masks, see the
-    module docstring), ``sparse_mode`` 0 without ``atten_mask`` (full), 2/3 with the compressed
-    mask (causal over the global sequence), 4 with the compressed mask and ``pre_tokens``/
-    ``next_tokens`` (band over the global sequence), ``pse`` slopes with ``pse_type`` 2/3 (ALiBi over
-    global positions; ``q_start_idx``/``kv_start_idx`` add to them). Anything that cannot be split
-    (a full atten_mask, pse tensors, prefix, sink, rope, TND, an explicit dropout_mask) raises
-    ``FlashAttentionError``. Without an initialised process group it runs as a group of one.
-    Every rank of ``group`` must call it with the same shapes and arguments.
+    Not supported (``FlashAttentionError``): a compressed pse ([.., 1024, Skv], TND pse); ALiBi
+    (pse_type 2/3) where a local call would not be square. Every rank of ``group`` must call it
+    with the same global arguments; shard lengths may differ by rank (``"contiguous"``: any;
+    ``"zigzag"``: ``shard``'s cut). Without an initialised process group it runs as a group of one.
+    docs/context-parallel.md has the details.
     """
-    plan = _make_plan(query, key, value, head_num, input_layout, group, load_balance, kwargs)
-    _check_consistent(plan, query, key, value)
-    _resolve_seed(plan, query.device)
-    return _RingAttention.apply(plan, head_num, query, key, value)
+    kw = check_keywords(kwargs, "ring_attention")
+    return run_ring(query, key, value, head_num, layout_name(input_layout), kw, group_of(group), load_balance)
