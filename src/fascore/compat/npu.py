@@ -196,28 +196,42 @@ def build_npu_module(mapping: DeviceMapping, name: str = "torch_npu.npu") -> Sta
     """The ``torch.npu`` module for ``mapping``'s target (see the module docstring)."""
     mod = StandInModule(name, __doc__)
     cuda = mapping.type == "cuda"
-    ns: dict[str, Any] = {}
-
-    def index_of(device: Any) -> Optional[int]:
-        """The device index of an int / "npu:N" / torch.device argument (None: current)."""
-        if device is None:
-            return None
-        if isinstance(device, int) and not isinstance(device, bool):
-            return device
-        if isinstance(device, str):
-            m = device.split(":")
-            if m[0] not in ("npu", "cuda", "cpu"):
-                raise ValueError(f"device={device!r}: expected 'npu', 'npu:N' or an index")
-            return int(m[1]) if len(m) > 1 else None
-        if isinstance(device, torch.device):
-            return device.index
-        raise ValueError(f"device={device!r}: expected an int, 'npu:N' or a torch.device")
 
     def cuda_dev(device: Any) -> Any:
-        i = index_of(device)
+        i = _index_of(device)
         return torch.cuda.current_device() if i is None else i
 
-    # ---- devices
+    ns: dict[str, Any] = _devices(mapping, cuda, cuda_dev)
+    ns.update(_streams(cuda))
+    ns.update(_memory(cuda, cuda_dev))
+    ns.update(_random(mapping, cuda, cuda_dev, ns["device_count"]))
+    ns.update(_misc(mapping))
+    for k, v in ns.items():
+        if callable(v) and getattr(v, "__module__", None) == __name__:
+            v.__module__ = name
+        setattr(mod, k, v)
+    mod.amp = build_amp_module(mapping, name + ".amp")
+    mod.__all__ = [k for k in NPU_API if hasattr(mod, k)]
+    return mod
+
+
+def _index_of(device: Any) -> Optional[int]:
+    """The device index of an int / "npu:N" / torch.device argument (None: the current one)."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    if isinstance(device, str):
+        m = device.split(":")
+        if m[0] not in ("npu", "cuda", "cpu"):
+            raise ValueError(f"device={device!r}: expected 'npu', 'npu:N' or an index")
+        return int(m[1]) if len(m) > 1 else None
+    if isinstance(device, torch.device):
+        return device.index
+    raise ValueError(f"device={device!r}: expected an int, 'npu:N' or a torch.device")
+
+
+def _devices(mapping: DeviceMapping, cuda: bool, cuda_dev: Any) -> dict[str, Any]:
     def is_available() -> bool:
         return True
 
@@ -230,7 +244,7 @@ def build_npu_module(mapping: DeviceMapping, name: str = "torch_npu.npu") -> Sta
         return torch.cuda.current_device() if cuda else mapping.cpu_index
 
     def set_device(device: Any) -> None:
-        i = index_of(device)
+        i = _index_of(device)
         if i is None:
             return
         if i < 0:
@@ -262,7 +276,7 @@ def build_npu_module(mapping: DeviceMapping, name: str = "torch_npu.npu") -> Sta
         """Context manager that makes ``device`` the current one."""
 
         def __init__(self, device: Any) -> None:
-            self.idx, self.prev = index_of(device), None
+            self.idx, self.prev = _index_of(device), None
 
         def __enter__(self) -> None:
             if self.idx is not None:
@@ -279,21 +293,10 @@ def build_npu_module(mapping: DeviceMapping, name: str = "torch_npu.npu") -> Sta
         def __init__(self, obj: Tensor) -> None:
             super().__init__(obj.get_device() if obj.device.type == "cuda" else None)
 
-    ns.update(is_available=is_available, device_count=device_count, current_device=current_device,
-              set_device=set_device, synchronize=synchronize, get_device_name=get_device_name,
-              get_device_properties=get_device_properties, get_device_capability=get_device_capability,
-              device=device, device_of=device_of)
-    ns.update(_streams(cuda))
-    ns.update(_memory(cuda, cuda_dev))
-    ns.update(_random(mapping, cuda, cuda_dev, device_count))
-    ns.update(_misc(mapping))
-    for k, v in ns.items():
-        if callable(v) and getattr(v, "__module__", None) == __name__:
-            v.__module__ = name
-        setattr(mod, k, v)
-    mod.amp = build_amp_module(mapping, name + ".amp")
-    mod.__all__ = [k for k in NPU_API if hasattr(mod, k)]
-    return mod
+    return dict(is_available=is_available, device_count=device_count, current_device=current_device,
+                set_device=set_device, synchronize=synchronize, get_device_name=get_device_name,
+                get_device_properties=get_device_properties, get_device_capability=get_device_capability,
+                device=device, device_of=device_of)
 
 
 def _streams(cuda: bool) -> dict[str, Any]:
