@@ -394,3 +394,28 @@ def test_docstrings_state_shapes_and_formula():
 def test_every_command_has_help(cmd):
     r = invoke(cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+# ----------------------------------------------------------------------------------------------
+# README: the example runs, the links resolve
+# ----------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PENDING_DOCS = {"docs/context-parallel.md"}  # being written alongside (ring attention)
+
+
+def test_readme_example_runs_and_its_links_resolve():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = re.search(r"## Example\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 12
+    ns: dict = {}
+    exec(compile(code.replace("1000", "100"), "<README example>", "exec"), ns)  # noqa: S102
+    assert ns["q"].grad is not None and ns["out"].shape == (2, 100, 512)
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", text, re.M)}
+    for target in re.findall(r"\]\(([^)]+)\)", text):
+        if target.startswith("#"):
+            assert target[1:] in anchors, target
+        elif target not in PENDING_DOCS:
+            assert os.path.exists(os.path.join(ROOT, target)), target
+    for needle in ("pip install", "make test", "make demo", "Coming from torch_npu", "Coming from flash-attn",
+                   "leading 0", "1/sqrt(D)", "keep_prob = 1 - dropout_p", "top-left", "bottom-right"):
+        assert needle in text, needle
