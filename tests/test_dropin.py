@@ -153,7 +153,7 @@ def test_torch_compile_with_npu_device_strings_in_the_graph(shim_cpu):
 
     def f(x):
         bias = torch.ones(x.shape[-1], device="npu:0")
-        return x.to(torch.device("npu")) + bias
+        return x.to(torch.device("npu")) + bias.npu() + torch.zeros(1).to("npu")
 
     x = torch.randn(3, 4)
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), x + 1)
