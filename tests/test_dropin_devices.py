@@ -384,3 +384,23 @@ def test_mapping_rules_for_both_targets():
     assert [cuda.map(v) for v in ("npu", "npu:3", 2)] == ["cuda", "cuda:3", 2]
     assert [cuda.map_backend(b) for b in ("hccl", "cpu:gloo,npu:hccl")] == ["nccl", "cpu:gloo,cuda:nccl"]
     assert cuda.map_device_type("npu") == "cuda" and cuda.map_device_type("cpu") == "cpu"
+
+
+def test_torch_ops_npu_autograd_follows_derivatives_yaml(shim):
+    """v2: query, key, value, pse, query_rope, key_rope and sink get gradients (derivatives.yaml)."""
+    g = torch.Generator().manual_seed(9)
+    b, s, n, d, dr = 1, 8, 2, 4, 2
+    base = dict(q=(b, s, n, d), k=(b, s, n, d), v=(b, s, n, d), qr=(b, s, n, dr), kr=(b, s, n, dr), pse=(b, n, s, s))
+    t = {k: torch.randn(*shape, generator=g) for k, shape in base.items()}
+    t["sink"] = torch.randn(n, generator=g)
+
+    def run(fn):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        out = fn(leaves["q"], leaves["k"], leaves["v"], n, "BSND", pse=leaves["pse"], query_rope=leaves["qr"],
+                 key_rope=leaves["kr"], sink=leaves["sink"], scale=0.5)
+        out[0].pow(2).sum().backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    via_op, via_fn = run(torch.ops.npu.npu_fusion_attention_v2), run(fascore.npu_fusion_attention_v2)
+    for k in t:
+        assert via_op[k] is not None and torch.equal(via_op[k], via_fn[k]), k
