@@ -194,8 +194,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return runner.run(cfg)
-    except RuntimeError as e:
-        if "shadow" in str(e):
+    except RuntimeError as e:  # a real torch_npu, or --device cuda without CUDA
+        if "shadow" in str(e) or "CUDA is not available" in str(e):
             print(f"fascore.compat: {e}", file=sys.stderr)
             return 2
         raise
