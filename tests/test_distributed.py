@@ -731,7 +731,10 @@ def test_unsupported_or_invalid_arguments_raise(fn, kw, match):
     assert ei.value.status == 161002
 
 
-def test_sparse_mode_without_mask_is_full_and_warns():
+def test_sparse_mode_without_mask_is_full_and_warns(monkeypatch):
+    from fascore.spec import masks
+
+    monkeypatch.setattr(masks, "_warned_no_mask", False)  # the warning is once per process
     q, k, v = _qkv()
     full = fd.ring_attention(q, k, v, 2, "BSH")[0]
     with pytest.warns(UserWarning, match="nothing is masked"):
