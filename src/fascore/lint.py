@@ -30,8 +30,9 @@ these values too:
 ``strict`` (warnings, strict rules included), ``strict-error`` (errors, strict rules included).
 ``configure(level=..., strict=...)`` overrides the environment in-process; ``settings(...)`` is
 the same as a context manager. The mask check reads the mask's two diagonals; only when one of
-them is fully masked does it sample up to 64 rows (and, for masks up to 16M elements, confirm a
-pattern exactly), and its verdict is cached per mask tensor until the tensor changes.
+them is fully masked does it sample up to 64 rows, and only before a keep-mask verdict does it
+confirm the pattern on every row (masks up to 16M elements); its verdict is cached per mask
+tensor until the tensor changes.
 Under torch.compile and fake tensors nothing is checked (the data cannot be read while tracing).
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ _bad_env: set[str] = set()
 _mask_cache: dict[int, tuple[weakref.ref, tuple, str | None]] = {}
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SAMPLE_ROWS = 64
-_EXACT_MAX = 1 << 24  # masks up to this many elements per slice are confirmed exactly
+_EXACT_MAX = 1 << 24  # a keep-mask verdict on up to this many elements per slice is confirmed on every row
 
 
 class LintWarning(UserWarning):
@@ -157,7 +158,7 @@ def _rows(sq: int) -> Tensor:
 
 def _band_of(m: Tensor) -> tuple[int | None, int | None] | None:
     """(lo, hi) if the True set of the 2-D bool ``m`` is {lo <= j - i <= hi} on the sampled rows
-    (None: unbounded on that side), confirmed on the whole mask when it is small; else None."""
+    (None: unbounded on that side); else None."""
     sq, skv = m.shape
     idx = _rows(sq)
     rows = m[idx.to(m.device)].cpu()
@@ -184,16 +185,24 @@ def _band_of(m: Tensor) -> tuple[int | None, int | None] | None:
         b = skv - 1 if hi is None else min(skv - 1, i + hi)
         if (c == 0) != (a > b) or (c and (f, la) != (a, b)):
             return None
-    if sq * skv <= _EXACT_MAX:
-        diff = torch.arange(skv, device=m.device)[None, :] - torch.arange(sq, device=m.device)[:, None]
-        exp = torch.ones(sq, skv, dtype=torch.bool, device=m.device)
+    return lo, hi
+
+
+def _is_band(m: Tensor, lo: int | None, hi: int | None) -> bool:
+    """``m`` == {lo <= j - i <= hi} exactly, compared in chunks of about 1M elements."""
+    sq, skv = m.shape
+    step = max(1, (1 << 20) // skv)
+    j = torch.arange(skv, device=m.device, dtype=torch.int32)[None, :]
+    for i0 in range(0, sq, step):
+        diff = j - torch.arange(i0, min(sq, i0 + step), device=m.device, dtype=torch.int32)[:, None]
+        exp = torch.ones_like(diff, dtype=torch.bool)
         if lo is not None:
             exp &= diff >= lo
         if hi is not None:
             exp &= diff <= hi
-        if not torch.equal(exp, m):
-            return None
-    return lo, hi
+        if not torch.equal(exp, m[i0:i0 + step]):
+            return False
+    return True
 
 
 def keep_mask_reason(m: Tensor) -> str | None:
@@ -216,14 +225,18 @@ def keep_mask_reason(m: Tensor) -> str | None:
         lo, hi = band
         if lo is None and hi is None:
             return None  # everything masked: not a polarity question
+        reason = None
         if lo is None and hi >= min(0, d):
             kind = "top-left" if hi == 0 else ("bottom-right" if hi == d else f"j - i <= {hi}")
-            return (f"it masks exactly the positions a causal mask keeps ({kind}: True where j - i <= {hi}), "
-                    "the complement of a causal mask")
-        if lo is not None and hi is not None and (lo <= 0 <= hi or lo <= d <= hi):
-            return (f"it masks exactly a band around the diagonal ({lo} <= j - i <= {hi}), the complement of "
-                    "a band (sliding-window) mask")
-        return None  # a causal / band mask in Ascend's polarity
+            reason = (f"it masks exactly the positions a causal mask keeps ({kind}: True where j - i <= {hi}), "
+                      "the complement of a causal mask")
+        elif lo is not None and hi is not None and (lo <= 0 <= hi or lo <= d <= hi):
+            reason = (f"it masks exactly a band around the diagonal ({lo} <= j - i <= {hi}), the complement of "
+                      "a band (sliding-window) mask")
+        if reason is None:
+            return None  # a causal / band mask in Ascend's polarity: the cheap verdict of correct calls
+        if sq * skv > _EXACT_MAX or _is_band(mb, lo, hi):  # confirmed on every row when affordable
+            return reason
     if tl and br and min(sq, skv) >= 4 and _keep_shaped(mb):
         return "it masks every element of the diagonal while other positions take part"
     return None
