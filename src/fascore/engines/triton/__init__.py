@@ -83,7 +83,7 @@ def not_supported_reasons(seg: fa.Segment, prob: fa.Problem) -> list[str]:
     dr = seg.dropout
     if dr is not None:
         if not hasattr(dr, "row"):
-            reasons.append("dropout: the segment's Dropout predates SPEC 5's Ascend model")
+            reasons.append("dropout: the segment's Dropout predates semantics §5's Ascend model")
         elif dr.bits is None and (dr.row % 16 or any(x % 16 for x in dr.base)):
             reasons.append("dropout: generated-mask rows not aligned to 16 elements")
         elif len(dr.base) > 1 and any(dr.base[x] - dr.base[x - 1] != dr.base[1] - dr.base[0]
@@ -377,7 +377,7 @@ def _launch_dpse(a: _Args, q: Tensor, k: Tensor, v: Tensor, dy: Tensor, dpse: Te
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dy),
         dpse.stride(0) if dpse.shape[0] > 1 else 0, dpse.stride(1), dpse.stride(2), dpse.stride(3),
         a.b * a.sq if r_n is None else r_n, a.sq if r_b is None else r_b, NB=a.b, N1=a.n1, G=a.g, n_chain=chain, BM=bm, BN=bn, MODE=mode, BATCH_SUM=batch_sum,
-        BJ=bm + bn if mode == 3 else bn, num_warps=t.warps, num_stages=t.stages, **com)
+        BJ=bm + bn if mode == 3 else bn, DC=t.dim_chunk(a.bd), DCV=t.dim_chunk(a.bdv), num_warps=t.warps, num_stages=t.stages, **com)
 
 
 def workspace_bytes(seg: fa.Segment, prob: fa.Problem, backward: bool) -> int:

@@ -4,9 +4,9 @@ Every kernel reads its operands through strides (any layout view works) and a pe
 description that is either uniform (a [B, N, S, D] segment: batch ``b`` at ``b * stride_b``) or a
 segment table (``VARLEN``: TND batches of one [T, N, D] tensor, row offsets and lengths per batch).
 Logits, statistics and accumulators are float32; only P (and dS) are rounded to the input dtype
-before their products with V (and K, Q), as SPEC section 3 allows.
+before their products with V (and K, Q), as semantics §3 allows.
 
-Take-part rule per batch (SPEC section 4, ``masks.MaskSpec``):
+Take-part rule per batch (semantics §4, ``masks.MaskSpec``):
     (lo <= j - i <= hi  or  j < prefix)  and  not explicit[i, j]
 Key blocks outside the band and the prefix are never visited; a block entirely inside (and not
 cut by an explicit mask or the sequence end) runs without mask work. With an explicit mask the
@@ -15,9 +15,9 @@ key blocks for the dK/dV kernel): only its non-empty tiles run, and only PARTIAL
 bytes.
 
 Bias kinds (``PSE``): 0 none, 1 dense tensor (row stride 0 when broadcast over rows), 2
-ALiBi-compressed [., ., 1024, W] (SPEC section 3), 3 TND-compressed (row 1023), 4 in-kernel ALiBi,
+ALiBi-compressed [., ., 1024, W] (semantics §3), 3 TND-compressed (row 1023), 4 in-kernel ALiBi,
 5 in-kernel sqrt ALiBi. Dropout (``DROP``): 0 none, 1 explicit bit-packed mask, 2 Ascend's
-Philox model (SPEC section 5): Philox4x32 with 7 rounds under key (seed lo, seed hi), counter
+Philox model (semantics §5): Philox4x32 with 7 rounds under key (seed lo, seed hi), counter
 ceil(offset/16) + e // 16, element e = base[b] + (n*Sq + i)*row + j takes byte e % 16 of the 4
 output words, kept iff byte <= floor(keep_prob * 255).
 """
@@ -678,12 +678,15 @@ def bwd_pse_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     PSE_KIND: tl.constexpr, PRE_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PFX: tl.constexpr,
     DROP: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, BATCH_SUM: tl.constexpr, BJ: tl.constexpr,
+    DC: tl.constexpr, DCV: tl.constexpr,
 ):
     """dpse for one tile of the pse buffer, summed in a fixed order over every position that reads
     it (no atomics): MODE 0 dense rows (one source tile), 1 rows broadcast (every query block of
     the column block), 2 ALiBi-compressed (the 1024-periodic chain of source tiles), 3
     TND-compressed (row 1023; diagonals of a [BM, BM + BN] source tile). BATCH_SUM: the pse
-    broadcasts over batches, so the program also sums over every batch of the segment."""
+    broadcasts over batches, so the program also sums over every batch of the segment. DC / DCV:
+    head-dim slices of the Q K^T and dY V^T products (less than BD / BDV where whole operands
+    would not fit in registers; the products accumulate slice by slice)."""
     rb = tl.program_id(0)
     cb = tl.program_id(1)
     pn = tl.program_id(2)
@@ -693,8 +696,6 @@ def bwd_pse_kernel(
     n2 = n // G
     ri = tl.arange(0, BM)
     rj = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
     r0 = rb * BM
     c0 = cb * BN
     rjj = tl.arange(0, BJ)
@@ -745,28 +746,35 @@ def bwd_pse_kernel(
             nonempty = nonempty & (((jb + BJ - 1 - i0 >= LO) & (jb - (i1 - 1) <= HI)) | (jb < pfx))
             if nonempty:
                 rok = (iv < ilim) & (iv < SQ) & (iv >= 0)
-                q = tl.load(Q + (b64 * sq_b + n64 * sq_n + i0.to(tl.int64) * sq_s) + ri[:, None] * sq_s
-                            + rd[None, :] * sq_d, mask=rok & (rd[None, :] < D), other=0.0)
-                dy = tl.load(DY + (b64 * sy_b + n64 * sy_n + i0.to(tl.int64) * sy_s) + ri[:, None] * sy_s
-                             + rdv[None, :] * sy_d, mask=rok & (rdv[None, :] < DV), other=0.0)
                 cok = (jv >= 0) & (jv < SKV)
-                kt = tl.load(K + (b64 * sk_b + n2.to(tl.int64) * sk_n + jb.to(tl.int64) * sk_s) + rjj[None, :] * sk_s
-                             + rd[:, None] * sk_d, mask=cok & (rd[:, None] < D), other=0.0)  # [BD, BJ]
-                vt = tl.load(V + (b64 * sv_b + n2.to(tl.int64) * sv_n + jb.to(tl.int64) * sv_s) + rjj[None, :] * sv_s
-                             + rdv[:, None] * sv_d, mask=cok & (rdv[:, None] < DV), other=0.0)  # [BDV, BJ]
+                q_ptr = Q + (b64 * sq_b + n64 * sq_n + i0.to(tl.int64) * sq_s) + ri[:, None] * sq_s
+                k_ptr = K + (b64 * sk_b + n2.to(tl.int64) * sk_n + jb.to(tl.int64) * sk_s) + rjj[None, :] * sk_s
+                y_ptr = DY + (b64 * sy_b + n64 * sy_n + i0.to(tl.int64) * sy_s) + ri[:, None] * sy_s
+                v_ptr = V + (b64 * sv_b + n2.to(tl.int64) * sv_n + jb.to(tl.int64) * sv_s) + rjj[None, :] * sv_s
+                # S = Q K^T and dP = dY V^T over head-dim slices of DC (DC < BD: fewer live operand registers).
+                s = tl.zeros((BM, BJ), tl.float32)
+                for dc in range(0, BD, DC):
+                    rd = dc + tl.arange(0, DC)
+                    q = tl.load(q_ptr + rd[None, :] * sq_d, mask=rok & (rd[None, :] < D), other=0.0)
+                    kt = tl.load(k_ptr + rd[:, None] * sk_d, mask=cok & (rd[:, None] < D), other=0.0)  # [DC, BJ]
+                    s = tl.dot(q, kt, s, input_precision=PREC)
+                dp = tl.zeros((BM, BJ), tl.float32)
+                for dc in range(0, BDV, DCV):
+                    rdv = dc + tl.arange(0, DCV)
+                    dy = tl.load(y_ptr + rdv[None, :] * sy_d, mask=rok & (rdv[None, :] < DV), other=0.0)
+                    vt = tl.load(v_ptr + rdv[:, None] * sv_d, mask=cok & (rdv[:, None] < DV), other=0.0)  # [DCV, BJ]
+                    dp = tl.dot(dy, vt, dp, input_precision=PREC)
                 ro = n64 * r_n + b64 * r_b + i0 + ri
                 rm1 = ((i0 + ri) < ilim) & ((i0 + ri) < SQ) & ((i0 + ri) >= 0)
                 mrow = tl.load(RM + ro, mask=rm1, other=float("inf"))
                 irow = tl.load(RI + ro, mask=rm1, other=0.0)
                 rrow = tl.load(RR + ro, mask=rm1, other=0.0)
-                s = tl.dot(q, kt, input_precision=PREC)
                 s = _logits(s, i0, jb, ri[:, None], rjj[None, :], scale, PSE, ps_base, sp_i, sp_j, SQ, SKV, pse_w,
                             pse_thr, 0, 0.0, PSE_KIND, PRE_SCALE)
                 a = _allowed(i0, jb, ri[:, None], rjj[None, :], SQ, SKV, LO, HI, pfx, MASK, mk_base, smk_i, smk_j,
                              True, HAS_MASK)
                 a = a & rok & (jv >= 0)
                 p = tl.where(a, tl.exp(s - mrow[:, None]) * irow[:, None], 0.0)
-                dp = tl.dot(dy, vt, input_precision=PREC)
                 if DROP != 0:
                     kp = _keep(iv, tl.maximum(jv, 0), 0, n, SQ, dbase, DROW + tl.zeros((), tl.int64), BITS, ctr0, seed, thr,
                                 DROP, BM, BJ, False)
