@@ -27,7 +27,8 @@ from .comm import Group, draw_seed, exchange, signature, to_i64
 from .shards import SEQ_DIM, parse_cum
 
 __all__ = ["KEYWORDS", "check_keywords", "global_problem", "local_forward", "local_backward", "dropout_docs",
-           "pack_bits", "keep_bits", "causal_mask", "Heads", "slice_heads", "with_seed", "tnd_stats", "doc_geometry", "exchange_call",
+           "pack_bits", "keep_bits", "causal_mask", "Heads", "slice_heads", "with_seed", "tnd_stats", "doc_geometry",
+           "exchange_call",
            "INT32_MAX"]
 
 KEYWORDS = tuple(p.name for p in ENTRY_POINTS["npu_fusion_attention_v2"].params

@@ -256,7 +256,8 @@ def _step_masks(kw: dict, grp: Group, lay: str) -> tuple[dict, list | None, int]
         raise invalid(f"atten_mask: a list of per-step masks needs one entry per rank of the ring "
                       f"({grp.world}), got {len(steps)}")
     mode = kw.get("sparse_mode", 0)
-    if mode not in (0, 1) or kw.get("pre_tokens", INT32_MAX) != INT32_MAX or kw.get("next_tokens", INT32_MAX) != INT32_MAX:
+    band = kw.get("pre_tokens", INT32_MAX) != INT32_MAX or kw.get("next_tokens", INT32_MAX) != INT32_MAX
+    if mode not in (0, 1) or band:
         raise invalid(f"atten_mask as a per-step list takes sparse_mode 0 or 1 without pre_tokens/next_tokens "
                       f"(got sparse_mode={mode!r}): the masks are in the shards' local coordinates")
     for m in steps:
@@ -339,7 +340,8 @@ def setup(query: Tensor, key: Tensor, value: Tensor, head_num: Any, lay: str, lo
     batch = prob.segments[0].q.shape[0] if prob.segments else 1
     seg0 = prob.segments[0] if prob.segments else None
     bits = seg0.dropout.bits if seg0 is not None and seg0.dropout is not None else None
-    base = dict(scale=kw.get("scale", 1.0), keep_prob=kw.get("keep_prob", 1.0), inner_precise=kw.get("inner_precise", 0))
+    base = dict(scale=kw.get("scale", 1.0), keep_prob=kw.get("keep_prob", 1.0),
+                inner_precise=kw.get("inner_precise", 0))
     if alibi is not None or dense_pse:
         base.update(pse_type=kw.get("pse_type", 1))
     if alibi is not None:

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from ..canonical.layouts import from_bnsd, to_bnsd
-from ..errors import invalid
 from ..limits import FLT_MAX
 from .comm import P2P, Group, group_of, pack, unpack
 from .context import Heads, check_keywords, local_backward, local_forward, tnd_stats

@@ -202,7 +202,8 @@ def unshard(shards: Any, input_layout: str, load_balance: str = "zigzag", *, act
     shape = list(shards[0].shape)
     for t in shards:
         other = list(t.shape)
-        if len(other) != len(shape) or len(shape) <= dim or other[:dim] + other[dim + 1:] != shape[:dim] + shape[dim + 1:]:
+        same = len(other) == len(shape) > dim and other[:dim] + other[dim + 1:] == shape[:dim] + shape[dim + 1:]
+        if not same:
             raise invalid(f"shards: all W={w} shards must agree in every axis but the sequence axis {dim} ({lay}); "
                           f"got {[list(s.shape) for s in shards]}")
     lengths = [t.shape[dim] for t in shards]
