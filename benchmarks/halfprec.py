@@ -1,6 +1,6 @@
 """bf16 / fp16 fascore vs torch SDPA (same dtype) in one process: forward and forward+backward.
 
-    python benchmarks/halfprec.py [--repeat 5] [--threads 2] [--seq 2048] [--json OUT]
+    python benchmarks/halfprec.py [--repeat 5] [--threads 2] [--seq 2048] [--engine NAME] [--json OUT]
 
 Prints one line per case: median seconds of fascore and SDPA (after a warm-up) and their ratio.
 Run it against another checkout with ``PYTHONPATH=that/src`` to compare versions in ratios
@@ -74,10 +74,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--engine", default="", help="fascore engine to run (default: dispatch's choice)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"fascore from {fascore.__file__}, torch {torch.__version__}, {a.threads} threads, "
+    if a.engine:
+        fascore.set_default_engine(a.engine)
+    print(f"fascore from {fascore.__file__} (engine {a.engine or 'default'}), torch {torch.__version__}, {a.threads} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     rows = run(a.seq, a.repeat)
     if a.json:

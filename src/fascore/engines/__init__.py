@@ -130,10 +130,12 @@ def engine_table() -> list[dict[str, str]]:
 
 def _register_builtin() -> None:
     from .flash import FlashEngine
+    from .native.engine import NativeEngine  # declaration only: the C++ build starts on first use
     from .reference import ReferenceEngine
 
     register_engine(ReferenceEngine())
     register_engine(FlashEngine())
+    register_engine(NativeEngine())
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
         from .triton.engine import TritonEngine  # imports triton: only where it can run
 

@@ -661,17 +661,28 @@ def _call(api: str, named: dict, engine: str, device: str = "cpu", wrt: list[str
 def _call_ref(api: str, named: dict, notes: list[str], wrt: list[str] | None = None,
               dy: Tensor | None = None) -> tuple[Any, dict[str, Tensor]]:
     """The reference run; when the dense reference cannot get its memory (361001) the call is
-    replayed with fascore's default engine instead (same formula, tiled), with a note."""
+    replayed with the first tiled engine of the device's priority list that runs it (same
+    formula; float64 calls skip engines without float64), with a note."""
     try:
         return _call(api, named, "reference", wrt=wrt, dy=dy)
     except fascore.FlashAttentionError as e:
-        fallback = fascore.current_engine_name()
-        if e.status != fascore.ACLNN_ERR_RUNTIME_ERROR or fallback == "reference":
+        if e.status != fascore.ACLNN_ERR_RUNTIME_ERROR:
             raise
-        note = f"the dense reference does not fit ({e}); reference runs use the {fallback!r} engine"
+        dense = e
+    dev = next((t.device.type for t in named.values() if isinstance(t, Tensor)), "cpu")
+    tiled = [n for n in fascore.engines.PRIORITY.get(dev, []) if n != "reference" and n in fascore.available_engines()]
+    for name in tiled:
+        try:
+            res = _call(api, named, name, wrt=wrt, dy=dy)
+        except fascore.FlashAttentionError as e:
+            if f"engine={name!r} cannot run this call" in str(e):
+                continue
+            raise
+        note = f"the dense reference does not fit ({dense}); reference runs use the {name!r} engine"
         if note not in notes:
             notes.append(note)
-        return _call(api, named, fallback, wrt=wrt, dy=dy)
+        return res
+    raise dense
 
 
 def _grad_outputs(api: str, res: Any, named: dict) -> dict[str, Any]:

@@ -60,6 +60,21 @@ def not_supported_reasons(seg, prob) -> list[str]:
     return out
 
 
+_scratch_held = 0  # bytes of per-thread scratch the largest call so far left allocated
+
+
+def _scratch(ext, seg, prob, backward: bool) -> int:
+    """Per-thread tile buffers of a call, over all threads."""
+    bq, bk = _tiles(seg, prob, backward)
+    per_thread = int(ext.scratch_bytes(prob.g, bq, bk, seg.q.shape[-1], seg.v.shape[-1], backward))
+    return max(1, torch.get_num_threads()) * per_thread
+
+
+def _ran(ext, seg, prob, backward: bool) -> None:
+    global _scratch_held
+    _scratch_held = max(_scratch_held, _scratch(ext, seg, prob, backward))
+
+
 def _tiles(seg, prob, backward: bool) -> tuple[int, int]:
     forced = config["bwd_tiles" if backward else "tiles"] or config["tiles"] or _adapter.forced_tiles()
     if forced is not None:
@@ -82,6 +97,7 @@ def forward(seg, prob) -> tuple[Tensor, Tensor, Tensor]:
     p = _adapter.pack(seg, prob, bq, bk)
     out, m, l = ext.forward(seg.q, seg.k, seg.v, p.ex, p.pse, p.slopes, p.sink, p.bits, p.prefix, p.dbase,
                             p.ip, p.fp)
+    _ran(ext, seg, prob, False)
     return out[..., :seg.v.shape[-1]], m, l
 
 
@@ -99,20 +115,22 @@ def backward(seg, prob, dy: Tensor, out: Tensor, m: Tensor, l: Tensor, dpse: Ten
     m, l = m.to(torch.float32), l.to(torch.float32)
     dq, dk, dv = ext.backward(seg.q, seg.k, seg.v, dy, out, m, l, p.ex, p.pse, p.slopes, p.sink, p.bits, p.prefix,
                               p.dbase, dpse if seg.pse is not None else None, dsink, p.ip, p.fp)
+    _ran(ext, seg, prob, True)
     d, dvd = seg.q.shape[-1], seg.v.shape[-1]
     return dq[..., :d], dk[..., :d], dv[..., :dvd]
 
 
 def workspace_bytes(seg, prob, backward: bool) -> int:
-    """Scratch bytes: per-thread tile buffers, padded float32 outputs and row statistics."""
+    """Bytes a call allocates: padded float32 outputs, row statistics, tile summaries and dQ
+    partials, plus the per-thread tile buffers beyond those earlier calls left (the kernels keep
+    them between calls and only grow them: ``_scratch_held``)."""
     if _adapter.reasons(seg, prob) or _build.extension() is None:
         return _adapter.fallback().workspace_bytes(seg, prob, backward)
     ext = _build.extension()
     b, n1, sq, d = seg.q.shape
     n2, skv, dv = seg.k.shape[1], seg.k.shape[2], seg.v.shape[-1]
     bq, bk = _tiles(seg, prob, backward)
-    threads = max(1, torch.get_num_threads())
-    scratch = threads * int(ext.scratch_bytes(prob.g, bq, bk, d, dv, backward))
+    scratch = max(0, _scratch(ext, seg, prob, backward) - _scratch_held)
     r8 = lambda x: -(-x // 8) * 8  # noqa: E731
     nq, nk = -(-sq // bq), -(-skv // bk)
     ex = seg.mask.explicit
