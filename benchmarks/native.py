@@ -32,20 +32,6 @@ import torch.nn.functional as F
 import fascore
 import fascore.engines.native as native
 
-try:  # the dispatcher's registry (engines as objects)
-    from fascore.engines import get_engine, register_engine
-
-    def register_native() -> None:
-        try:
-            get_engine("native")
-        except Exception:  # noqa: BLE001 - not registered by dispatch yet
-            register_engine(native.NativeEngine())
-except ImportError:  # the earlier registry (engines as modules)
-    from fascore.engine import register_engine
-
-    def register_native() -> None:
-        register_engine("native", native)
-
 COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 
 
@@ -257,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     if not native.build():
         print(f"native engine unavailable: {native.status()}", file=sys.stderr)
         return 1
-    register_native()
     cases = [c for c in CASES if not args.only or any(c.name.startswith(p) for p in args.only.split(","))]
     rows, ceilings = [], {}
     info = dict(status=native.status(), torch=torch.__version__, load=os.getloadavg(), repeat=args.repeat,

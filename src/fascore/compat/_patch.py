@@ -3,6 +3,7 @@ undone, in reverse order, by ``Patcher.restore`` (``uninstall_torch_npu_shim``).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable, Iterator, MutableMapping
 
 __all__ = ["Patcher"]
@@ -82,3 +83,18 @@ class Patcher:
                 errors.append(e)
         if errors:
             raise RuntimeError(f"fascore.compat: {len(errors)} patch(es) could not be undone: {errors[0]!r}")
+
+
+def wrap_found_spec(finder: Any, fullname: str, path: Any, target: Any, wrap: Callable[[Any], Any]) -> Any:
+    """For a meta-path hook: the spec the other finders on ``sys.meta_path`` give ``fullname``,
+    with its loader replaced by ``wrap(loader)`` where the loader can execute modules; None when
+    no other finder has it."""
+    for other in sys.meta_path:
+        if other is finder or not hasattr(other, "find_spec"):
+            continue
+        spec = other.find_spec(fullname, path, target)
+        if spec is not None:
+            if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = wrap(spec.loader)
+            return spec
+    return None

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._patch import Patcher
+from ._patch import Patcher, wrap_found_spec
 
 __all__ = ["FACTORIES", "TENSOR_METHODS", "DeviceMapping", "resolve_target"]
 
@@ -119,15 +119,7 @@ class _DynamoPrimer(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != "torch._dynamo":
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _PrimingLoader(spec.loader, self._patcher)
-                return spec
-        return None
+        return wrap_found_spec(self, fullname, path, target, lambda loader: _PrimingLoader(loader, self._patcher))
 
 
 class _PrimingLoader(importlib.abc.Loader):

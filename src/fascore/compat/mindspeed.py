@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 import fascore
 
-from ._patch import Patcher
+from ._patch import Patcher, wrap_found_spec
 
 __all__ = ["BUILDERS", "fusion_attention_v2_module", "ring_attention_update_module", "MindSpeedHook"]
 
@@ -138,15 +138,7 @@ class MindSpeedHook(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None) -> Any:
         if fullname not in BUILDERS:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _PatchingLoader(spec.loader, self)
-                return spec
-        return None
+        return wrap_found_spec(self, fullname, path, target, lambda loader: _PatchingLoader(loader, self))
 
     def patch(self, module: types.ModuleType) -> None:
         cls_name = BUILDERS.get(module.__name__)

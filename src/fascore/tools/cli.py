@@ -375,6 +375,17 @@ def info() -> None:
     console.print(engine_table())
 
 
+@app.command()
+def build(verbose: bool = typer.Option(False, "--verbose", help="Show the compiler's output.")) -> None:
+    """Compile the native CPU engine ahead of first use (cached per torch version and source hash)."""
+    from fascore.engines import native
+
+    ok = native.build(verbose=verbose)
+    console.print(f"native engine: {native.status()}")
+    if not ok:
+        raise typer.Exit(1)
+
+
 def engine_table() -> Table:
     """What every engine declares it runs, in dispatch order (``fascore.engines``)."""
     from fascore import engines
