@@ -418,3 +418,16 @@ def test_readme_example_runs_and_its_links_resolve():
     for needle in ("pip install", "make test", "make demo", "Coming from torch_npu", "Coming from flash-attn",
                    "leading 0", "1/sqrt(D)", "keep_prob = 1 - dropout_p", "top-left", "bottom-right"):
         assert needle in text, needle
+
+
+def test_build_compiles_or_says_why():
+    """`fascore build` reports the native engine's status; exit 1 when it cannot be built."""
+    res = runner.invoke(app, ["build"])
+    from fascore.engines import native
+
+    assert ("native engine: built" in res.output) == native.available(), res.output
+    assert res.exit_code == (0 if native.available() else 1), res.output
+    env = dict(os.environ, FASCORE_NATIVE="0")  # read before the first load: a fresh process
+    proc = subprocess.run([sys.executable, "-m", "fascore", "build"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "disabled by FASCORE_NATIVE=0" in proc.stdout, proc.stdout + proc.stderr
