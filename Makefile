@@ -14,6 +14,8 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest -q
+	# the flash-vs-reference suite again with the native engine in the flash engine's place (tiny tiles)
+	FASCORE_SUITE_ENGINE=native $(BIN)/python -m pytest -q tests/test_flash_engine.py
 
 demo: install
 	$(BIN)/python -m fascore.tools.demo

@@ -12,10 +12,15 @@ several tiles plus an odd remainder; Sq != Skv both ways), and the masks make ti
 PARTIAL and EMPTY and rows invalid inside tiles. float16/bfloat16 cases apply SPEC §7's rule to
 both engines against a float64 run of the reference engine. Also: a hypothesis sweep over random
 problems and configurations, bitwise repeatability, and CUDA vs CPU (skipped without a GPU).
+
+``FASCORE_SUITE_ENGINE=native`` runs the whole suite with the native engine in the flash
+engine's place (it takes the forced tile sizes from the same configuration; float64 cases skip
+it), the check that the native engine passes the flash-vs-reference suite with tiny tiles.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -25,7 +30,7 @@ from hypothesis import strategies as st
 
 import fascore
 from fascore.engines.flash import config as kernels
-from conftest import assert_spec7, assert_within_rule, gen, make_qkv, oracle_grads, randn
+from conftest import assert_spec7, assert_within_rule, gen, make_qkv, oracle_grads, randn, skip_unless_engine_dtype
 from oracle import FLT_MAX, attention_oracle, compressed_causal_mask, compressed_prefix_mask, pack_bits
 
 CAUSAL = compressed_causal_mask()
@@ -33,6 +38,7 @@ PREFIX = compressed_prefix_mask()
 Q_ARGS = ("query", "key", "value", "head_num", "input_layout")
 GRAD_NAMES = ("dq", "dk", "dv", "dpse", "dq_rope", "dk_rope", "dsink")  # grad_v2's order
 TOL32 = 1e-5
+ENGINE = os.environ.get("FASCORE_SUITE_ENGINE", "flash")  # the engine under test
 
 # Flash configurations. tile_bytes=1 keeps every key block its own forward tile (and one query
 # block per band chunk); the default merges adjacent blocks of one kind into longer runs.
@@ -161,7 +167,7 @@ def compare(inp, kw, cfgs=TWO_CFGS, tol=TOL32):
     ref = run_engine("reference", inp, kw)
     runs = {}
     for name in cfgs:
-        fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=CFG[name])
+        fl = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=CFG[name])
         assert_same_results(fl, ref, f"flash[{name}]", tol)
         runs[name] = fl
     return ref, runs
@@ -220,7 +226,7 @@ def test_geometry_around_tile_boundaries(tiles, sq, skv):
     for kw in cases:
         ref = run_engine("reference", inp, kw)
         for cfg in cfgs:
-            fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=cfg)
+            fl = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=cfg)
             assert_same_results(fl, ref, f"{cfg} mode={kw.get('sparse_mode', 0)}")
 
 
@@ -233,7 +239,7 @@ def test_default_tile_sizes(sq, skv):
     for kw in (dict(atten_mask=m, sparse_mode=1), dict(atten_mask=CAUSAL, sparse_mode=3)):
         ref = run_engine("reference", inp, dict(kw, scale=0.25))
         for cfg in ({}, dict(fused_backward=False)):
-            fl = run_engine("flash", inp, dict(kw, scale=0.25), dy=ref.dy, cfg=cfg)
+            fl = run_engine(ENGINE, inp, dict(kw, scale=0.25), dy=ref.dy, cfg=cfg)
             assert_same_results(fl, ref, f"default tiles {cfg}")
 
 
@@ -322,6 +328,12 @@ def band_hits(monkeypatch):
     return hits
 
 
+def assert_band_taken(hits: list, n0: int = 0) -> None:
+    """The flash engine's band path ran since ``n0`` hits (another engine under test has none)."""
+    if ENGINE == "flash":
+        assert len(hits) > n0, "the band path was not taken"
+
+
 BAND_CASES = {
     "mode4": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=3, next_tokens=2),
     "mode4-diag": dict(atten_mask=CAUSAL, sparse_mode=4, pre_tokens=0, next_tokens=0),
@@ -357,11 +369,11 @@ def test_band_path(band_hits, case, sq, skv, band_bq, G, dv):
     ref = run_engine("reference", inp, kw)
     for cfg in (dict(band=True, band_bq=band_bq), dict(band=True, band_bq=band_bq, tile_bytes=1)):
         n0 = len(band_hits)
-        fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=cfg)
-        assert len(band_hits) > n0, "the band path was not taken"
+        fl = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=cfg)
+        assert_band_taken(band_hits, n0)
         assert_same_results(fl, ref, f"band {cfg}")
     # and the same problem without the band path
-    off = run_engine("flash", inp, kw, dy=ref.dy, cfg=dict(band=False, tiles=(8, 16)))
+    off = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=dict(band=False, tiles=(8, 16)))
     assert_same_results(off, ref, "band off")
 
 
@@ -370,7 +382,7 @@ def test_band_path_causal_short_queries(band_hits, sq):
     """Mode 2 with Sq << Skv is a narrow band (-(Sq-1) <= j - i <= 0)."""
     inp = make_qkv("BNSD", B=1, N1=2, Sq=sq, Skv=61, D=8, seed=sq)
     compare(inp, dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=2), ["band4-chunked", "band8", "8x16"])
-    assert band_hits
+    assert_band_taken(band_hits)
 
 
 @pytest.mark.parametrize("mode", [7, 8])
@@ -379,7 +391,7 @@ def test_band_path_tnd(band_hits, mode):
     kw = dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=mode, pre_tokens=3, next_tokens=1,
               sink=randn((4,), torch.float32, gen(5)))
     compare(inp, kw, ["band4-chunked", "band8", "16x16-tiled"])
-    assert band_hits
+    assert_band_taken(band_hits)
 
 
 def test_band_path_default_block(band_hits):
@@ -387,8 +399,8 @@ def test_band_path_default_block(band_hits):
     inp = make_qkv("BSND", B=1, N1=2, N2=1, Sq=400, Skv=400, D=8, seed=4)
     kw = dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=4, pre_tokens=20, next_tokens=5)
     ref = run_engine("reference", inp, kw)
-    fl = run_engine("flash", inp, kw, dy=ref.dy)
-    assert band_hits, "the band path was not taken"
+    fl = run_engine(ENGINE, inp, kw, dy=ref.dy)
+    assert_band_taken(band_hits)
     assert_same_results(fl, ref, "band default")
 
 
@@ -398,7 +410,7 @@ def test_band_path_low_precision(band_hits, dtype):
     kw = dict(scale=0.25, atten_mask=CAUSAL, sparse_mode=4, pre_tokens=5, next_tokens=3, pse=torch.rand(4),
               pse_type=2, q_start_idx=[7])
     check_low_precision(inp, kw, ["band4-chunked", dict(band=True, band_bq=8)])
-    assert band_hits
+    assert_band_taken(band_hits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +571,7 @@ def test_dv_equals_d_fused_applies(fused):
     for kw in (dict(scale=0.3), dict(scale=0.3, atten_mask=m, sparse_mode=1),
                dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=4, pre_tokens=10, next_tokens=3)):
         ref = run_engine("reference", inp, kw)
-        fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=dict(tiles=(16, 16), fused_backward=fused))
+        fl = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=dict(tiles=(16, 16), fused_backward=fused))
         assert_same_results(fl, ref, f"fused={fused}")
 
 
@@ -589,7 +601,7 @@ def test_compressed_alibi_pse_1030(pse_type, mode):
     if mode == 0:
         kw.update(atten_mask=torch.zeros(S, S, dtype=torch.bool), pre_tokens=S, next_tokens=0)
     ref = run_engine("reference", inp, kw)
-    fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=dict(tiles=(64, 128)))
+    fl = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=dict(tiles=(64, 128)))
     assert_same_results(fl, ref, "compressed pse")
 
 
@@ -716,7 +728,7 @@ def random_problems(draw):
 def test_random_problems(problem):
     inp, kw, cfg = problem
     ref = run_engine("reference", inp, kw)
-    fl = run_engine("flash", inp, kw, dy=ref.dy, cfg=cfg)
+    fl = run_engine(ENGINE, inp, kw, dy=ref.dy, cfg=cfg)
     assert_same_results(fl, ref, f"flash[{cfg}]")
 
 
@@ -739,7 +751,7 @@ def check_low_precision(inp, kw, cfgs):
     i64, k64 = _to64(inp, kw)
     r64 = run_engine("reference", i64, k64, dy=dy.double())
     same = run_engine("reference", inp, kw, dy=dy)
-    runs = [("reference", None)] + [("flash", CFG[c] if isinstance(c, str) else c) for c in cfgs]
+    runs = [("reference", None)] + [(ENGINE, CFG[c] if isinstance(c, str) else c) for c in cfgs]
     for engine, cfg in runs:
         r = run_engine(engine, inp, kw, dy=dy, cfg=cfg)
         assert r.out.dtype == dtype
@@ -789,13 +801,14 @@ def test_low_precision_alibi_large_bias_fused_as_accurate_as_tiled(dtype):
     dy = randn((1, 2, 64, 16), dtype, gen(5))
     i64, k64 = _to64(inp, ALIBI_FAR)
     r64 = run_engine("reference", i64, k64, dy=dy.double())
-    tiled = run_engine("flash", inp, ALIBI_FAR, dy=dy, cfg=dict(tiles=(16, 16), fused_backward=False))
-    fused = run_engine("flash", inp, ALIBI_FAR, dy=dy, cfg=dict(tiles=(16, 16), fused_backward=True))
+    tiled = run_engine(ENGINE, inp, ALIBI_FAR, dy=dy, cfg=dict(tiles=(16, 16), fused_backward=False))
+    fused = run_engine(ENGINE, inp, ALIBI_FAR, dy=dy, cfg=dict(tiles=(16, 16), fused_backward=True))
     for n, f, t, r in zip(GRAD_NAMES[:3], fused.grads, tiled.grads, r64.grads):
         assert_within_rule(f"fused {n} (naive := tiled)", f, r, t, dtype, 3.0)
 
 
 def test_float64_inputs_match_reference():
+    skip_unless_engine_dtype(ENGINE, torch.float64)
     inp = make_qkv("BNSD", B=1, N1=2, Sq=29, Skv=39, D=8, dtype=torch.float64, seed=1)
     kw = dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=3, pse=randn((1, 2, 29, 39), torch.float64, gen(2)))
     compare(inp, kw, ["8x16", "16x8"], tol=1e-12)
@@ -823,8 +836,8 @@ def test_repeated_calls_bitwise_identical(case, cfg):
     if case == "explicit":
         kw["atten_mask"] = structured_mask((geo["B"], geo["N1"], geo["Sq"], geo["Skv"]), 14)
     c = CFG[cfg] if cfg else {}
-    a = run_engine("flash", inp, kw, cfg=c)
-    b = run_engine("flash", inp, kw, cfg=c, dy=a.dy)
+    a = run_engine(ENGINE, inp, kw, cfg=c)
+    b = run_engine(ENGINE, inp, kw, cfg=c, dy=a.dy)
     for n, x, y in (("out", a.out, b.out), ("max", a.smax, b.smax), ("sum", a.ssum, b.ssum)):
         assert torch.equal(x, y), f"forward {n} not bitwise repeatable"
     for n, x, y in zip(GRAD_NAMES, a.grads, b.grads):
@@ -870,8 +883,8 @@ class TestCuda:
         kw = dict(kw, scale=0.3)
         cpu_ref = run_engine("reference", inp, kw)
         cfg = dict(tiles=tiles)
-        cpu = run_engine("flash", inp, kw, dy=cpu_ref.dy, cfg=cfg)
-        gpu = run_engine("flash", _to_device(inp, "cuda"), _to_device(kw, "cuda"), dy=cpu_ref.dy.cuda(), cfg=cfg)
+        cpu = run_engine(ENGINE, inp, kw, dy=cpu_ref.dy, cfg=cfg)
+        gpu = run_engine(ENGINE, _to_device(inp, "cuda"), _to_device(kw, "cuda"), dy=cpu_ref.dy.cuda(), cfg=cfg)
         gref = run_engine("reference", _to_device(inp, "cuda"), _to_device(kw, "cuda"), dy=cpu_ref.dy.cuda())
         assert gpu.out.device.type == "cuda"
         assert_same_results(gpu, gref, "cuda flash vs cuda reference")
@@ -885,8 +898,8 @@ class TestCuda:
         geo = dict(geo)
         inp = _to_device(make_qkv(geo.pop("layout"), seed=22, **geo), "cuda")
         kw = _to_device(dict(kw, scale=0.3), "cuda")
-        a = run_engine("flash", inp, kw)
-        b = run_engine("flash", inp, kw, dy=a.dy)
+        a = run_engine(ENGINE, inp, kw)
+        b = run_engine(ENGINE, inp, kw, dy=a.dy)
         assert torch.equal(a.out, b.out) and torch.equal(a.smax, b.smax) and torch.equal(a.ssum, b.ssum)
         for x, y in zip(a.grads, b.grads):
             assert (x is None and y is None) or torch.equal(x, y)
