@@ -431,3 +431,20 @@ def test_build_compiles_or_says_why():
     proc = subprocess.run([sys.executable, "-m", "fascore", "build"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1 and "disabled by FASCORE_NATIVE=0" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_check_skips_cases_the_forced_engine_declares_it_cannot_run():
+    """A float64 case under an engine without float64 is skipped with the reason, not failed;
+    every other case still runs and the command exits 0."""
+    eng = next((n for n in fascore.available_engines()
+                if torch.float64 not in fascore.engines.get_engine(n).dtypes and n != "triton"), None)
+    if eng is None:
+        pytest.skip("every available engine runs float64")
+    specs = check.cases(quick=True)
+    n = next(i for i, s in enumerate(specs) if s.dtype == torch.float64)
+    r = invoke("check", "--case", str(n), "--quick", "--engine", eng)
+    assert r.exit_code == 0 and "skipped" in r.output and "dtype float64" in r.output, r.output
+    assert "passed" not in r.output.splitlines()[-1]
+    r = invoke("check", "--quick", "--engine", eng)
+    assert r.exit_code == 0, r.output[-2000:]
+    assert re.search(r"all \d+ cases passed, \d+ skipped", r.output), r.output[-500:]

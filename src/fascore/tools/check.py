@@ -130,6 +130,7 @@ class Result:
     checks: list[Check] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    skipped: str = ""  # why the forced engine cannot run the case (a declared limit, not a failure)
 
     @property
     def ok(self) -> bool:
@@ -359,7 +360,14 @@ def run_case(s: Spec, device: torch.device, engine: str | None = None) -> Result
         base = _place(s, make_inputs(s), s.dtype, cpu)  # ref64 runs on the very values fascore sees
         lib_kw = _place(s, base, s.dtype, device)
         with _engine.use_engine(engine) if engine else contextlib.nullcontext():
-            res0 = _call(s.api, lib_kw)
+            try:
+                res0 = _call(s.api, lib_kw)
+            except FlashAttentionError as e:
+                refusal = f"engine={engine!r} cannot run this call: "
+                if engine and str(e).startswith(refusal):
+                    r.skipped = str(e)[len(refusal):]
+                    return r
+                raise
             dy = None
             if s.backward:
                 g = torch.Generator().manual_seed(s.data_seed + 1)
@@ -681,6 +689,8 @@ def feature_table(results: list[Result]) -> list[tuple[str, int, int, Result | N
     order: list[str] = []
     by: dict[str, list[Result]] = {}
     for r in results:
+        if r.skipped:
+            continue
         for f in r.features:
             if f not in by:
                 order.append(f)

@@ -155,11 +155,17 @@ def check(device: Device = typer.Option(Device.cpu, help="Device the operator ru
     if len(bad) > 20:
         console.print(f"... and {len(bad) - 20} more")
     dt = time.perf_counter() - t0
-    n_ok = len(results) - len(bad)
+    skipped = [r for r in results if r.skipped]
+    for why in sorted({r.skipped for r in skipped}):
+        names = [r.name.split(" ")[0] for r in skipped if r.skipped == why]
+        console.print(f"[yellow]skipped[/yellow] {len(names)} case(s) the engine declares it cannot run "
+                      f"({why}): {', '.join(names)}")
+    n_ok = len(results) - len(bad) - len(skipped)
     if bad:
         console.print(f"[red]{len(bad)} of {len(results)} cases FAILED[/red] ({dt:.1f} s)")
         raise typer.Exit(1)
-    console.print(f"[green]all {n_ok} cases passed[/green] on {dev} with engine {eng!r} ({dt:.1f} s)")
+    console.print(f"[green]all {n_ok} cases passed[/green]" + (f", {len(skipped)} skipped" if skipped else "")
+                  + f" on {dev} with engine {eng!r} ({dt:.1f} s)")
 
 
 def _check_table(chk, results, quick: bool) -> Table:
@@ -189,13 +195,16 @@ def _check_one(chk, spec, dev: torch.device, engine: Optional[str]) -> None:
     for c in r.checks:
         table.add_row(c.quantity, _fmt(c.err), _fmt(c.tol), "[green]ok[/green]" if c.ok else "[red]FAIL[/red]")
     console.print(table)
+    if r.skipped:
+        console.print(f"[yellow]skipped[/yellow]: the engine declares it cannot run this case ({r.skipped})")
     if r.error:
         console.print(f"[red]FAIL[/red] {r.error}")
     console.print("# the case as Python (run it with python -):")
     console.print(chk.snippet(spec, dev), markup=False, soft_wrap=True)
     if not r.ok:
         raise typer.Exit(1)
-    console.print(f"[green]{spec.name} passed[/green] ({r.seconds:.2f} s)")
+    if not r.skipped:
+        console.print(f"[green]{spec.name} passed[/green] ({r.seconds:.2f} s)")
 
 
 # --------------------------------------------------------------------------- bench
