@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 import pytest
@@ -475,3 +476,19 @@ def test_gpu_check_tiny_runs_end_to_end(tmp_path):
     assert rep["bench"] and all("results" in b for b in rep["bench"]), rep["bench"]
     assert all("triton engine fwd" in b["results"] for b in rep["bench"])
     assert (tmp_path / "gpu_check.log").read_text().strip()
+
+
+# --------------------------------------------------------------------------- fascore check
+def test_fascore_check_quick_with_the_triton_engine_under_the_interpreter():
+    """``TRITON_INTERPRET=1 fascore check --quick --engine triton``: every case the engine runs
+    here passes semantics §7; the bf16 cases (the interpreter's bf16 tl.dot, triton#11584) and
+    float64 are skipped with their reasons, never failed."""
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1", COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "fascore", "check", "--quick", "--engine", "triton"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    m = re.search(r"all\s+(\d+)\s+cases\s+passed,\s+(\d+)\s+skipped\s+on\s+cpu\s+with\s+engine\s+'triton'", out)
+    assert m and int(m.group(1)) >= 30, out[-2000:]
+    assert "triton#11584" in out
