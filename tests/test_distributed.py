@@ -122,6 +122,7 @@ def _spawn(fn, world_size, args=(), timeout=SPAWN_TIMEOUT_S):
 # ----------------------------------------------------------------------------------------------
 C = "causal"  # the compressed [2048, 2048] mask
 DOCS = [11, 0, 17, 6, 13]  # TND documents (an empty one; lengths no chunk count divides), 3 tail rows
+KV_DOCS = [7, 4, 20, 6, 16]  # key documents of the kv_docs cases: shorter, keys without queries, longer, equal
 CASES = {
     # --- ring, dense layouts
     "ring_bsh_full": dict(layout="BSH"),
@@ -170,6 +171,18 @@ CASES = {
                                                                   next_tokens=0)),
     "ring_tnd_mode8_bf16": dict(layout="TND", dtype=torch.bfloat16, kw=dict(atten_mask=C, sparse_mode=8,
                                                                             pre_tokens=3, next_tokens=0)),
+    # --- ring: Sq != Skv under both causal alignments, TND documents with Sq_b != Skv_b, dropout in
+    # BNSD, uneven SBH shards, a per-step list with a None entry and a fully masked one
+    "ring_bsh_cross_causal2": dict(layout="BSH", skv_extra=8, kw=dict(atten_mask=C, sparse_mode=2)),
+    "ring_bnsd_cross_short_causal3": dict(layout="BNSD", skv_extra=-5, kw=dict(atten_mask=C, sparse_mode=3)),
+    "ring_tnd_cross_docs_causal3_gqa": dict(layout="TND", n2=2, kv_docs=KV_DOCS, kw=dict(atten_mask=C, sparse_mode=3)),
+    "ring_tnd_cross_docs_causal2_contiguous": dict(layout="TND", lb="contiguous", kv_docs=KV_DOCS,
+                                                   kw=dict(atten_mask=C, sparse_mode=2)),
+    "ring_bnsd_dropout_causal2_gqa": dict(layout="BNSD", n2=2, kw=dict(atten_mask=C, sparse_mode=2, keep_prob=0.8,
+                                                                       seed=4242, offset=5)),
+    "ring_sbh_band_uneven": dict(layout="SBH", uneven=True, kw=dict(atten_mask=C, sparse_mode=4, pre_tokens=7,
+                                                                    next_tokens=1)),
+    "ring_bsh_steps_none_full": dict(layout="BSH", kw=dict(atten_mask="steps_nf:mask_ss", sparse_mode=0)),
     # --- Ulysses
     "uly_bsh_causal3_gqa": dict(strategy="ulysses", layout="BSH", n2=2, kw=dict(atten_mask=C, sparse_mode=3)),
     "uly_sbh_dropout_b1": dict(strategy="ulysses", layout="SBH", b=1, n2=1,
@@ -195,25 +208,55 @@ CASES = {
     "hyb_bsnd_band_contiguous_drawn": dict(strategy="hybrid", layout="BSND", lb="contiguous", seed_mode="draw",
                                            kw=dict(atten_mask=C, sparse_mode=4, pre_tokens=5, next_tokens=1,
                                                    keep_prob=0.9)),
+    # --- Ulysses: band, causal 2 with Sq != Skv, a per-head mask, dropout with B > 1 and a drawn seed
+    "uly_sbh_band4_mqa": dict(strategy="ulysses", layout="SBH", n2=1, kw=dict(atten_mask=C, sparse_mode=4,
+                                                                            pre_tokens=6, next_tokens=2)),
+    "uly_bnsd_cross_short_causal2": dict(strategy="ulysses", layout="BNSD", skv_extra=-5,
+                                         kw=dict(atten_mask=C, sparse_mode=2)),
+    "uly_bsh_mask_per_head_gqa": dict(strategy="ulysses", layout="BSH", n2=2, kw=dict(atten_mask="mask_bn",
+                                                                                    sparse_mode=1)),
+    "uly_bsnd_dropout_drawn_b2": dict(strategy="ulysses", layout="BSND", seed_mode="draw",
+                                      kw=dict(atten_mask=C, sparse_mode=3, keep_prob=0.8)),
+    # --- hybrid with a ring of 2 (4 processes only: at 2 the ring groups have one rank)
+    "hyb_bsh_full": dict(strategy="hybrid", layout="BSH", worlds=(4,)),
+    "hyb_sbh_cross_causal2_gqa": dict(strategy="hybrid", layout="SBH", n2=2, skv_extra=8, worlds=(4,),
+                                      kw=dict(atten_mask=C, sparse_mode=2)),
+    "hyb_bsnd_prefix6": dict(strategy="hybrid", layout="BSND", worlds=(4,),
+                             kw=dict(atten_mask="prefix_mask", sparse_mode=6, prefix="prefix")),
+    "hyb_bnsd_pse_dense_causal3": dict(strategy="hybrid", layout="BNSD", worlds=(4,),
+                                       kw=dict(atten_mask=C, sparse_mode=3, pse="pse_dense")),
+    "hyb_bsh_mask_per_head_contiguous": dict(strategy="hybrid", layout="BSH", lb="contiguous", worlds=(4,),
+                                             kw=dict(atten_mask="mask_bn", sparse_mode=0)),
 }
 U_SIZE = 2  # Ulysses group size of the hybrid cases
 
 
 def _geometry(name, world_size):
     c = dict(dict(strategy="ring", dtype=torch.float64, b=2, n1=4, n2=4, d=8, dv=6, dr=4, lb="zigzag", kw={},
-                  skv_extra=0, uneven=False, lengths=False, seed_mode=None), **CASES[name])
+                  skv_extra=0, uneven=False, lengths=False, seed_mode=None, worlds=(2, 4), kv_docs=None),
+             **CASES[name])
     if c["layout"] == "TND":
-        c["b"], c["s"], c["skv"] = 1, sum(DOCS) + 3, sum(DOCS) + 3
-        cum, acc = [], 0
-        for n in DOCS:
-            acc += n
-            cum.append(acc)
-        c["cum"] = cum
+        kv_docs = c["kv_docs"] or DOCS
+        c["b"], c["s"], c["skv"] = 1, sum(DOCS) + 3, sum(kv_docs) + 3
+        c["cum"], c["cum_kv"] = _cumsum(DOCS), _cumsum(kv_docs)
     else:
         c["s"] = 4 * 2 * world_size + (3 if c["uneven"] else 0)
         c["skv"] = c["s"] + c["skv_extra"]
-        c["cum"] = None
+        c["cum"] = c["cum_kv"] = None
     return c
+
+
+def _cumsum(lens):
+    out, acc = [], 0
+    for n in lens:
+        acc += n
+        out.append(acc)
+    return out
+
+
+def _cum(c, lay, kv):
+    """The TND cumulative lengths of the query-like (kv=False) or key-like tensors (None: dense)."""
+    return (c["cum_kv"] if kv else c["cum"]) if lay == "TND" else None
 
 
 def _rank_lengths(total, world_size):
@@ -249,11 +292,16 @@ def _inputs(name, world_size):
     for key, val in c["kw"].items():
         if val == C:
             val = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
-        elif val in ("mask_b1", "mask_ss", "mask_tt") or (isinstance(val, str) and val.startswith("steps:")):
-            shape = (b, 1, s, skv) if val.endswith("mask_b1") else (s, skv)
+        elif val in ("mask_b1", "mask_bn", "mask_ss", "mask_tt") or (isinstance(val, str) and val.startswith("steps")):
+            shape = {"mask_b1": (b, 1, s, skv), "mask_bn": (b, n1, s, skv)}.get(val.split(":")[-1], (s, skv))
             m = torch.rand(*shape, generator=g) < 0.3
             m[..., 1, :] = True  # a row nothing takes part in
-            val = ("steps", m) if val.startswith("steps:") else m
+            if val.startswith("steps_nf:"):  # in every rank's list: its own keys' block fully masked, the next
+                qi, ki = _step_index(c, world_size)  # rank's block unmasked (a None entry)
+                for r in range(len(qi)):
+                    m[..., qi[r][:, None], ki[r]] = True
+                    m[..., qi[r][:, None], ki[(r + 1) % len(qi)]] = False
+            val = ("steps", m, val.startswith("steps_nf:")) if val.startswith("steps") else m
         elif val == "prefix_mask":
             tri = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
             val = torch.cat([tri, torch.cat([torch.zeros(1024, 1024, dtype=torch.bool),
@@ -277,7 +325,7 @@ def _inputs(name, world_size):
         kw[key] = val
     kw["scale"] = 0.35
     if c["layout"] == "TND":
-        kw.update(actual_seq_qlen=c["cum"], actual_seq_kvlen=c["cum"])
+        kw.update(actual_seq_qlen=c["cum"], actual_seq_kvlen=c["cum_kv"])
     return c, t, kw
 
 
@@ -288,11 +336,11 @@ def _hybrid_ranks(rank):
     return rank // U_SIZE, rank % U_SIZE  # (ring rank, Ulysses rank): hybrid_groups' convention
 
 
-def _split(c, x, rank, world_size, lay=None):
+def _split(c, x, rank, world_size, lay=None, kv=False):
     """This rank's part of a full-sequence tensor (``lay``: another layout for the same cut, e.g.
-    "BNSD" for statistics)."""
+    "BNSD" for statistics; ``kv``: a key-like tensor, cut by the key documents)."""
     lay = lay or c["layout"]
-    cum = c["cum"] if lay == "TND" else None
+    cum = _cum(c, lay, kv)
     seq = SEQ_DIM[lay]
     if c["strategy"] == "hybrid":
         rr, ur = _hybrid_ranks(rank)
@@ -307,9 +355,9 @@ def _split(c, x, rank, world_size, lay=None):
     return fd.shard(x, lay, rank, world_size, lb, actual_seq_len=cum)
 
 
-def _unsplit(c, parts, world_size, lay=None):
+def _unsplit(c, parts, world_size, lay=None, kv=False):
     lay = lay or c["layout"]
-    cum = c["cum"] if lay == "TND" else None
+    cum = _cum(c, lay, kv)
     if c["strategy"] == "hybrid":
         rw = world_size // U_SIZE
         ring_parts = [fd.unshard(parts[r * U_SIZE:(r + 1) * U_SIZE], lay, "contiguous") for r in range(rw)]
@@ -348,21 +396,30 @@ def _stats_rows(x, cum, softmax_layout):
     return out
 
 
-def _step_masks(c, m, rank, world_size):
-    """Per-step masks from a global mask: entry j = this rank's query rows x rank j's key rows."""
+def _step_index(c, world_size):
+    """Global query / key rows of every ring rank's shard, in local order (the per-step masks' order)."""
     lay = "TND" if c["layout"] == "TND" else "BSH"
-    cum = c["cum"]
 
-    def idx(n, r, w, lb):
+    def idx(n, r, w, cum):
         x = torch.arange(n, dtype=torch.float64).view(n, 1, 1) if lay == "TND" else torch.arange(
             n, dtype=torch.float64).view(1, n, 1)
-        return fd.shard(x, lay, r, w, lb, actual_seq_len=cum).reshape(-1).long()
-    if c["strategy"] == "hybrid":
-        w, me = world_size // U_SIZE, _hybrid_ranks(rank)[0]
-    else:
-        w, me = world_size, rank
-    qi = idx(c["s"], me, w, c["lb"])
-    return [m[..., qi, :][..., idx(c["skv"], j, w, c["lb"])] for j in range(w)]
+        return fd.shard(x, lay, r, w, c["lb"], actual_seq_len=cum).reshape(-1).long()
+    w = world_size // U_SIZE if c["strategy"] == "hybrid" else world_size
+    return ([idx(c["s"], r, w, c["cum"]) for r in range(w)], [idx(c["skv"], r, w, c["cum_kv"]) for r in range(w)])
+
+
+def _step_masks(c, steps, rank, world_size):
+    """Per-step masks from a global mask: entry j = this rank's query rows x rank j's key rows
+    (``steps[2]``: blocks with nothing masked become None entries)."""
+    m, none_empty = steps[1], steps[2]
+    qi, ki = _step_index(c, world_size)
+    me = _hybrid_ranks(rank)[0] if c["strategy"] == "hybrid" else rank
+    out = [m[..., qi[me], :][..., ki[j]] for j in range(len(ki))]
+    if none_empty:
+        out = [None if not bool(e.any()) else e for e in out]
+        assert any(e is None for e in out) and any(e is not None and bool(e.all()) for e in out), \
+            "no None / fully masked entry"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +437,7 @@ def _call(c, q, k, v, kw, groups):
 
 def _run_case(name, rank, world_size, groups):
     c, t, kw = _inputs(name, world_size)
-    qs, ks, vs = (_split(c, t[n], rank, world_size).requires_grad_(True) for n in ("q", "k", "v"))
+    qs, ks, vs = (_split(c, t[n], rank, world_size, kv=n != "q").requires_grad_(True) for n in ("q", "k", "v"))
     leaves = {}
     if isinstance(kw.get("pse"), torch.Tensor) and kw.get("pse_type", 1) in (0, 1):
         leaves["pse"] = kw["pse"] = kw["pse"].clone().requires_grad_(True)
@@ -388,9 +445,9 @@ def _run_case(name, rank, world_size, groups):
         leaves["sink"] = kw["sink"] = kw["sink"].clone().requires_grad_(True)
     for key in ("query_rope", "key_rope"):
         if key in kw:
-            leaves[key] = kw[key] = _split(c, kw[key], rank, world_size).requires_grad_(True)
+            leaves[key] = kw[key] = _split(c, kw[key], rank, world_size, kv=key == "key_rope").requires_grad_(True)
     if isinstance(kw.get("atten_mask"), tuple):
-        kw["atten_mask"] = _step_masks(c, kw["atten_mask"][1], rank, world_size)
+        kw["atten_mask"] = _step_masks(c, kw["atten_mask"], rank, world_size)
     if c["seed_mode"] == "draw":
         fascore.manual_seed(DRAW_SEED_RANK0 if rank == 0 else 1000 + rank)  # rank 0's draw must win
     elif c["seed_mode"] == "zero":
@@ -406,9 +463,10 @@ def _run_case(name, rank, world_size, groups):
     return res
 
 
-def _errors(rank, world_size):
+def _errors(rank, world_size, groups):
     """Calls that must raise on every rank (never hang): disagreeing arguments, a shard length
-    zigzag does not produce, a bad per-step mask on one rank, heads Ulysses cannot split."""
+    zigzag does not produce, a bad per-step mask on one rank, heads Ulysses cannot split, a
+    per-step mask list whose length is not the ring's (ring, and the hybrid's ring of W / 2)."""
     out = {}
     c, t, kw = _inputs("ring_sbh_causal3_gqa", world_size)
     q, k, v = (_split(c, t[n], rank, world_size) for n in ("q", "k", "v"))
@@ -420,6 +478,11 @@ def _errors(rank, world_size):
             torch.zeros(q.shape[0] + (rank == 0), k.shape[0], dtype=torch.bool)] * world_size),
         "ulysses_heads": lambda: fd.ulysses_attention(q[..., :16], k, v, 2, "SBH") if world_size == 4 else
         fd.ulysses_attention(q[..., :24], k[..., :8], v[..., :6], 3, "SBH"),
+        "step_list_length": lambda: fd.ring_attention(q, k, v, 4, "SBH", sparse_mode=1,
+                                                      atten_mask=[None] * (world_size + 1)),
+        "hybrid_step_list_length": lambda: fd.context_parallel_attention(
+            q, k, v, 4, "SBH", strategy="hybrid", ulysses_group=groups[0], ring_group=groups[1], sparse_mode=1,
+            atten_mask=[None] * world_size),
     }
     for key, fn in tries.items():
         try:
@@ -433,17 +496,18 @@ def _errors(rank, world_size):
 def _cases_worker(rank, world_size, names):
     groups = fd.hybrid_groups(U_SIZE) if world_size % U_SIZE == 0 else (None, None)
     res = {name: _run_case(name, rank, world_size, groups) for name in names}
-    res["__errors__"] = _errors(rank, world_size)
+    res["__errors__"] = _errors(rank, world_size, groups)
     return res
 
 
 _RUNS: dict = {}
+CASE_RUNS = [(w, name) for w in (2, 4) for name in CASES if w in _geometry(name, w)["worlds"]]
 
 
 def _results(world_size):
     if world_size not in _RUNS:
         try:
-            _RUNS[world_size] = _spawn(_cases_worker, world_size, (list(CASES),))
+            _RUNS[world_size] = _spawn(_cases_worker, world_size, ([n for w, n in CASE_RUNS if w == world_size],))
         except Exception as e:  # noqa: BLE001 - reported by every test of this world size
             _RUNS[world_size] = e
     r = _RUNS[world_size]
@@ -526,7 +590,7 @@ def _gathered(c, results, name, world_size):
         elif key in ("smax", "ssum"):
             got[key] = _unsplit(c, parts, world_size, "BNSD")
         else:
-            got[key] = _unsplit(c, parts, world_size)
+            got[key] = _unsplit(c, parts, world_size, kv=key in ("dk", "dv", "dkey_rope"))
     return got
 
 
@@ -537,8 +601,7 @@ def _want_rows(c, ref):
     return ref
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("world_size,name", [pytest.param(w, n, id=f"{n}-{w}") for w, n in CASE_RUNS])
 def test_matches_single_process(world_size, name):
     results = _results(world_size)
     c, t, kw = _inputs(name, world_size)
@@ -555,6 +618,9 @@ def test_matches_single_process(world_size, name):
             _assert_close32(f"{name} W={world_size} {key}", got[key], want[key])
         if kw.get("keep_prob", 1.0) < 1.0:  # dropout really happened
             assert (_single(c, t, kw, dropout=False)["out"] - got["out"]).abs().max() > 1e-3
+        if kw.get("sparse_mode") in (2, 3) and (c["skv"] != c["s"] or c["kv_docs"]):  # the alignment matters
+            other = _single(c, t, dict(kw, sparse_mode=5 - kw["sparse_mode"]))["out"]
+            assert (other - got["out"]).abs().max() > 1e-3, "top-left and bottom-right causal agree here"
         if name == "ring_bsh_band_invalid_rows":  # global rows 0, 1 see no key
             assert (got["smax"][:, :, :2] == -FLT_MAX).all() and (got["out"][:, :2] == 0).all()
         return
@@ -570,7 +636,9 @@ def test_matches_single_process(world_size, name):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_invalid_calls_raise_on_every_rank(world_size):
     want = {"mismatch": "other shapes or arguments", "zigzag_length": "zigzag over",
-            "bad_step_mask": "atten_mask", "ulysses_heads": "head_num"}
+            "bad_step_mask": "atten_mask", "ulysses_heads": "head_num",
+            "step_list_length": f"one entry per rank of the ring ({world_size}), got {world_size + 1}",
+            "hybrid_step_list_length": f"one entry per rank of the ring ({world_size // U_SIZE}), got {world_size}"}
     for r in _results(world_size):
         for key, text in want.items():
             msg = r["__errors__"][key]
