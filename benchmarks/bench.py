@@ -14,10 +14,8 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +27,7 @@ import fascore
 from fascore.api import memory
 from fascore.engines.flash import config as kernels
 from fascore.tools.bench import _step
+from fascore.tools.bench import timed as bench_timed
 
 COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 
@@ -66,13 +65,8 @@ class Case:
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of ``repeat`` runs after a warm-up (fascore.tools.bench.timed on the CPU)."""
+    return bench_timed(fn, repeat, torch.device("cpu"))[0]
 
 
 def bmm_rate(dtype: torch.dtype, repeat: int) -> float:

@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fascore
+from fascore.tools.bench import timed
 
 CAUSAL = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 
 
 def median_time(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of ``repeat`` runs after a warm-up (fascore.tools.bench.timed)."""
+    return timed(fn, repeat, torch.device("cpu"))[0]
 
 
 def cases(seq: int) -> list[tuple[str, torch.dtype, bool]]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import fascore
 import fascore.engines.native as native
+from fascore.tools.bench import timed
 
 COMPRESSED = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 
@@ -79,20 +80,10 @@ CASES = [
 ]
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def bmm_rate(dtype: torch.dtype, repeat: int) -> float:
     a = torch.randn(8, 512, 128).to(dtype)
     b = torch.randn(8, 128, 512).to(dtype)
-    t = timed(lambda: torch.bmm(a, b), max(5, repeat) * 4)
+    t = timed(lambda: torch.bmm(a, b), max(5, repeat) * 4, torch.device("cpu"))[0]
     return 8 * 2 * 512 * 128 * 512 / t / 1e9
 
 
