@@ -55,6 +55,17 @@ def engine(request):
         yield request.param
 
 
+def band_keep(sq: int, skv: int, lo: int | None, hi: int | None, shift: int = 0) -> torch.Tensor:
+    """Keep-mask (True = attend) of the band lo <= j - i - shift <= hi (None: unbounded side)."""
+    diff = torch.arange(skv)[None, :] - torch.arange(sq)[:, None] - shift
+    keep = torch.ones(sq, skv, dtype=torch.bool)
+    if lo is not None:
+        keep &= diff >= lo
+    if hi is not None:
+        keep &= diff <= hi
+    return keep
+
+
 def skip_unless_engine_dtype(engine: str, dtype: torch.dtype) -> None:
     """Skip a case in a dtype the forced engine does not declare (the native engine: no float64)."""
     if dtype not in fascore.engines.get_engine(engine).dtypes:

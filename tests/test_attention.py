@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fascore
 from fascore.api.attention import mapping
+from conftest import band_keep
 
 TOL = 2e-5  # float32 fascore vs float64 SDPA on O(1) values
 
@@ -48,14 +49,7 @@ def sdpa(q, k, v, mask=None, causal=False, scale=None, layout="BSND"):
 
 
 def band(sq, skv, lo, hi, alignment):
-    d = skv - sq if alignment == "bottom_right" else 0
-    diff = torch.arange(skv)[None, :] - torch.arange(sq)[:, None] - d
-    keep = torch.ones(sq, skv, dtype=torch.bool)
-    if lo is not None:
-        keep &= diff >= lo
-    if hi is not None:
-        keep &= diff <= hi
-    return keep
+    return band_keep(sq, skv, lo, hi, skv - sq if alignment == "bottom_right" else 0)
 
 
 def err(a, b):

@@ -14,6 +14,7 @@ import torch
 import fascore
 from fascore import lint
 from fascore.tools import check
+from conftest import band_keep
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +31,6 @@ def _qkv(b=2, sq=16, skv=16, n=2, d=8, seed=0):
             torch.randn(b, skv, n, d, generator=g))
 
 
-def _band(sq, skv, lo, hi, shift=0):
-    diff = torch.arange(skv)[None, :] - torch.arange(sq)[:, None] - shift
-    keep = torch.ones(sq, skv, dtype=torch.bool)
-    if lo is not None:
-        keep &= diff >= lo
-    if hi is not None:
-        keep &= diff <= hi
-    return keep
 
 
 def _rules(fn):
@@ -58,11 +51,11 @@ def _raises(fn, rule):
 
 # --------------------------------------------------------------------------- keep-masks
 KEEP_MASKS = {  # SDPA-polarity masks (True = attend) passed as atten_mask: each is a mistake
-    "causal keep top-left": lambda sq, skv: _band(sq, skv, None, 0),
-    "causal keep bottom-right": lambda sq, skv: _band(sq, skv, None, 0, skv - sq),
-    "sliding window keep": lambda sq, skv: _band(sq, skv, -3, 0, skv - sq),
-    "symmetric band keep": lambda sq, skv: _band(sq, skv, -2, 2),
-    "causal keep with padded keys": lambda sq, skv: _band(sq, skv, None, 0) & (torch.arange(skv) < skv - 3)[None],
+    "causal keep top-left": lambda sq, skv: band_keep(sq, skv, None, 0),
+    "causal keep bottom-right": lambda sq, skv: band_keep(sq, skv, None, 0, skv - sq),
+    "sliding window keep": lambda sq, skv: band_keep(sq, skv, -3, 0, skv - sq),
+    "symmetric band keep": lambda sq, skv: band_keep(sq, skv, -2, 2),
+    "causal keep with padded keys": lambda sq, skv: band_keep(sq, skv, None, 0) & (torch.arange(skv) < skv - 3)[None],
 }
 
 
@@ -73,7 +66,7 @@ def test_keep_mask_fires(name, sq, skv):
     if name == "causal keep with padded keys" and sq >= skv:
         pytest.skip("padding over the diagonal hides it (documented in docs/lint.md): Skv > Sq only")
     if name == "causal keep top-left" and skv > sq:
-        keep = _band(sq, skv, None, 0)  # still the complement of a top-left causal mask
+        keep = band_keep(sq, skv, None, 0)  # still the complement of a top-left causal mask
     q, k, v = _qkv(sq=sq, skv=skv)
     assert _rules(lambda: fascore.npu_fusion_attention(q, k, v, 2, "BSND", atten_mask=keep)) == ["keep-mask"]
     msg = _raises(lambda: fascore.npu_fusion_attention(q, k, v, 2, "BSND", atten_mask=keep), "keep-mask")
@@ -82,7 +75,7 @@ def test_keep_mask_fires(name, sq, skv):
 
 def test_keep_mask_fires_for_every_shape_and_mode_that_reads_a_full_mask():
     q, k, v = _qkv(b=2, sq=16, skv=16)
-    keep = _band(16, 16, None, 0)
+    keep = band_keep(16, 16, None, 0)
     for mask, kw in ((keep[None, None], {}), (keep.expand(2, 1, 16, 16), {}), (keep.expand(2, 2, 16, 16), {}),
                      (keep.to(torch.uint8), {}), (keep, dict(sparse_mode=1)),
                      (keep.expand(2, 1, 16, 16), dict(sparse_mode=5, prefix=[2, 3]))):
@@ -94,17 +87,17 @@ def test_keep_mask_fires_for_every_shape_and_mode_that_reads_a_full_mask():
 def test_keep_mask_in_tnd_both_mask_forms():
     t = torch.randn(30, 2, 8)
     cum = [10, 30]
-    for mask in (_band(20, 20, None, 0), torch.block_diag(_band(10, 10, None, 0), _band(20, 20, None, 0))):
+    for mask in (band_keep(20, 20, None, 0), torch.block_diag(band_keep(10, 10, None, 0), band_keep(20, 20, None, 0))):
         lint.reset()
         assert _rules(lambda: fascore.npu_fusion_attention(t, t, t, 2, "TND", atten_mask=mask,
                                                            actual_seq_qlen=cum, actual_seq_kvlen=cum)) == ["keep-mask"]
 
 
 CORRECT_MASKS = {  # Ascend polarity (True = masked out): silent
-    "causal top-left": lambda sq, skv: ~_band(sq, skv, None, 0),
-    "causal bottom-right": lambda sq, skv: ~_band(sq, skv, None, 0, skv - sq),
-    "band": lambda sq, skv: ~_band(sq, skv, -3, 2),
-    "band bottom-right": lambda sq, skv: ~_band(sq, skv, -4, 0, skv - sq),
+    "causal top-left": lambda sq, skv: ~band_keep(sq, skv, None, 0),
+    "causal bottom-right": lambda sq, skv: ~band_keep(sq, skv, None, 0, skv - sq),
+    "band": lambda sq, skv: ~band_keep(sq, skv, -3, 2),
+    "band bottom-right": lambda sq, skv: ~band_keep(sq, skv, -4, 0, skv - sq),
     "padding": lambda sq, skv: (torch.arange(skv) >= skv - 5)[None].expand(sq, skv),
     "left padding": lambda sq, skv: (torch.arange(skv) < 3)[None].expand(sq, skv),
     "one row masked": lambda sq, skv: torch.zeros(sq, skv, dtype=torch.bool).index_fill(
@@ -139,16 +132,16 @@ def test_compressed_masks_and_no_mask_are_silent():
 
 def test_keep_mask_reason_patterns():
     r = lint.keep_mask_reason
-    assert "complement of a causal" in r(_band(8, 8, None, 0))
-    assert "complement of a band" in r(_band(8, 8, -2, 1))
-    assert "every element of the diagonal" in r(_band(8, 8, None, 0) & (torch.rand(8, 8) < 2).index_fill(1, torch.tensor([0]), False) | torch.eye(8, dtype=torch.bool))
-    assert r(~_band(8, 8, None, 0)) is None and r(torch.ones(8, 8, dtype=torch.bool)) is None
+    assert "complement of a causal" in r(band_keep(8, 8, None, 0))
+    assert "complement of a band" in r(band_keep(8, 8, -2, 1))
+    assert "every element of the diagonal" in r(band_keep(8, 8, None, 0) & (torch.rand(8, 8) < 2).index_fill(1, torch.tensor([0]), False) | torch.eye(8, dtype=torch.bool))
+    assert r(~band_keep(8, 8, None, 0)) is None and r(torch.ones(8, 8, dtype=torch.bool)) is None
     assert r(torch.ones(1, 8, dtype=torch.bool)) is None  # one row: no diagonal to read
 
 
 def test_large_masks_are_sampled_and_cached(monkeypatch):
     q, k, v = _qkv(b=1, sq=4096, skv=4096, n=1, d=8)
-    keep = _band(4096, 4096, None, 0)
+    keep = band_keep(4096, 4096, None, 0)
     calls = []
     real = lint.keep_mask_reason
     monkeypatch.setattr(lint, "keep_mask_reason", lambda m: calls.append(1) or real(m))
@@ -213,7 +206,7 @@ def test_strict_rules(monkeypatch):
 # --------------------------------------------------------------------------- modes, call sites, results
 def test_environment_levels(monkeypatch):
     q, k, v = _qkv()
-    keep = _band(16, 16, None, 0)
+    keep = band_keep(16, 16, None, 0)
 
     def call():
         return fascore.npu_fusion_attention(q, k, v, 2, "BSND", atten_mask=keep, scale=0.35)
@@ -238,7 +231,7 @@ def test_environment_levels(monkeypatch):
 
 def test_once_per_call_site_attributed_to_the_caller():
     q, k, v = _qkv()
-    keep = _band(16, 16, None, 0)
+    keep = band_keep(16, 16, None, 0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -253,7 +246,7 @@ def test_once_per_call_site_attributed_to_the_caller():
 
 def test_lint_never_changes_a_result():
     q, k, v = _qkv()
-    keep = _band(16, 16, None, 0)
+    keep = band_keep(16, 16, None, 0)
     with lint.settings(level="off"):
         off = fascore.npu_fusion_attention(q, k, v, 2, "BSND", atten_mask=keep)
     with warnings.catch_warnings():
@@ -278,7 +271,7 @@ def test_silent_on_fascore_attention_calls():
     keep = torch.rand(12, 20, generator=torch.Generator().manual_seed(3)) < 0.8
     with lint.settings(level="error", strict=True):
         for kw in (dict(causal=True), dict(causal=True, causal_alignment="top_left"), dict(window=(3, 2)),
-                   dict(attn_mask=keep, causal=True), dict(attn_mask=_band(12, 20, None, 0, 8)),
+                   dict(attn_mask=keep, causal=True), dict(attn_mask=band_keep(12, 20, None, 0, 8)),
                    dict(dropout_p=0.1, seed=3), dict(causal=True, prefix=[9, 12])):
             fascore.attention(q, k, v, **kw)
 
