@@ -55,6 +55,17 @@ def engine(request):
         yield request.param
 
 
+@pytest.fixture
+def clean(monkeypatch):
+    """No torch_npu stand-in installed before and after the test (and no torch_npu module)."""
+    from fascore import compat
+
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    compat.uninstall_torch_npu_shim()
+    yield
+    compat.uninstall_torch_npu_shim()
+
+
 def band_keep(sq: int, skv: int, lo: int | None, hi: int | None, shift: int = 0) -> torch.Tensor:
     """Keep-mask (True = attend) of the band lo <= j - i - shift <= hi (None: unbounded side)."""
     diff = torch.arange(skv)[None, :] - torch.arange(sq)[:, None] - shift

@@ -29,14 +29,6 @@ TORCH_NPU_SCHEMAS = {
 
 
 @pytest.fixture
-def clean(monkeypatch):
-    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
-    compat.uninstall_torch_npu_shim()
-    yield
-    compat.uninstall_torch_npu_shim()
-
-
-@pytest.fixture
 def shim(clean):
     return compat.install_torch_npu_shim(device="cpu")
 

@@ -37,14 +37,6 @@ out = torch_npu.npu_fusion_attention(q, q, q, 2, "BSDN")
 '''
 
 
-@pytest.fixture
-def clean(monkeypatch):
-    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
-    compat.uninstall_torch_npu_shim()
-    yield
-    compat.uninstall_torch_npu_shim()
-
-
 def _run(tmp_path, text, *args, name="prog.py"):
     script = tmp_path / name
     script.write_text(textwrap.dedent(text))

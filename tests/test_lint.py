@@ -31,8 +31,6 @@ def _qkv(b=2, sq=16, skv=16, n=2, d=8, seed=0):
             torch.randn(b, skv, n, d, generator=g))
 
 
-
-
 def _rules(fn):
     """The lint rules a call fires in warn mode (each once per call site)."""
     with warnings.catch_warnings(record=True) as w:
