@@ -538,6 +538,17 @@ GRAD_OF = {"dq": "q", "dk": "k", "dv": "v", "dpse": "pse", "dsink": "sink", "dqu
            "dkey_rope": "key_rope"}
 
 
+def _leaves(t, kw):
+    """Fresh leaf tensors of q, k, v and of kw's differentiable tensors (put back into kw)."""
+    leaves = dict(q=t["q"], k=t["k"], v=t["v"])
+    for key in ("pse", "sink", "query_rope", "key_rope"):
+        if isinstance(kw.get(key), torch.Tensor) and not (key == "pse" and kw.get("pse_type", 1) in (2, 3)):
+            leaves[key] = kw[key]
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    kw.update({k: v for k, v in leaves.items() if k not in "qkv"})
+    return leaves
+
+
 def _single(c, t, kw, dropout=True):
     """Single-process fascore on the full sequence: outputs, statistics, gradients."""
     kw = dict(kw)
@@ -545,12 +556,7 @@ def _single(c, t, kw, dropout=True):
         kw["atten_mask"] = kw["atten_mask"][1]
     if not dropout:
         kw = {k: v for k, v in kw.items() if k not in ("keep_prob", "seed", "offset")}
-    leaves = dict(q=t["q"], k=t["k"], v=t["v"])
-    for key in ("pse", "sink", "query_rope", "key_rope"):
-        if isinstance(kw.get(key), torch.Tensor) and not (key == "pse" and kw.get("pse_type", 1) in (2, 3)):
-            leaves[key] = kw[key]
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    kw.update({k: v for k, v in leaves.items() if k not in "qkv"})
+    leaves = _leaves(t, kw)
     if c["seed_mode"] == "draw":
         fascore.manual_seed(DRAW_SEED_RANK0)
     elif c["seed_mode"] == "zero":
@@ -725,12 +731,7 @@ def test_group_of_one_matches_single_process(name):
 
 
 def _run_case_one(c, t, kw):
-    leaves = dict(q=t["q"], k=t["k"], v=t["v"])
-    for key in ("pse", "sink", "query_rope", "key_rope"):
-        if isinstance(kw.get(key), torch.Tensor) and not (key == "pse" and kw.get("pse_type", 1) in (2, 3)):
-            leaves[key] = kw[key]
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    kw.update({k: v for k, v in leaves.items() if k not in "qkv"})
+    leaves = _leaves(t, kw)
     out, smax, ssum = _call(c, leaves["q"], leaves["k"], leaves["v"], kw, (None, None))
     out.backward(t["dy"])
     res = dict(out=out.detach(), smax=smax, ssum=ssum)
