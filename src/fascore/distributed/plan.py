@@ -23,7 +23,7 @@ from .blocks import Rect
 from .comm import Group, exchange
 from .context import (Heads, causal_mask, doc_geometry, dropout_docs, exchange_call, global_problem, keep_bits,
                       pack_bits)
-from .shards import SEQ_DIM, Piece, all_pieces, load_balance_name
+from .shards import SEQ_DIM, Piece, all_pieces, doc_cum, load_balance_name
 
 __all__ = ["Call", "RingPlan", "setup"]
 
@@ -83,15 +83,7 @@ class RingPlan:
 
     def local_cum(self, pieces: list[Piece]) -> list[int]:
         """Cumulative per-document row counts of a rank's pieces (its local TND lengths)."""
-        per = [0] * len(self.doc_geoms)
-        for p in pieces:
-            if p.doc >= 0:
-                per[p.doc] += p.n
-        out, acc = [], 0
-        for n in per:
-            acc += n
-            out.append(acc)
-        return out
+        return doc_cum(pieces, len(self.doc_geoms))
 
     # ----------------------------------------------------------------- calls of a step
     def calls(self, step: int) -> list[Call]:

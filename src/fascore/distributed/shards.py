@@ -17,6 +17,7 @@ pieces from the same global lengths.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from ..errors import invalid
 
 __all__ = ["LOAD_BALANCES", "SEQ_DIM", "Piece", "chunk_bounds", "parse_cum", "tnd_docs", "rank_pieces",
-           "all_pieces", "shard", "unshard", "shard_seq_lens", "layout_name", "load_balance_name"]
+           "all_pieces", "doc_cum", "shard", "unshard", "shard_seq_lens", "layout_name", "load_balance_name"]
 
 LOAD_BALANCES = ("zigzag", "contiguous")
 SEQ_DIM = {"BSH": 1, "SBH": 0, "BSND": 1, "BNSD": 2, "TND": 0}
@@ -239,12 +240,13 @@ def shard_seq_lens(actual_seq_len: Any, rank: int, world_size: int, load_balance
     lens, tail = tnd_docs(cum, cum[-1] if total is None else total)
     if lengths is not None and lb != "contiguous":
         raise invalid("lengths: only for load_balance='contiguous'")
-    per_doc = [0] * len(lens)
-    for p in rank_pieces(lens, tail, rank, world_size, lb, lengths):
+    return doc_cum(rank_pieces(lens, tail, rank, world_size, lb, lengths), len(lens))
+
+
+def doc_cum(pieces: Sequence[Piece], docs: int) -> list[int]:
+    """Cumulative per-document row counts of one rank's pieces (its local TND lengths)."""
+    per_doc = [0] * docs
+    for p in pieces:
         if p.doc >= 0:
             per_doc[p.doc] += p.n
-    out, acc = [], 0
-    for n in per_doc:
-        acc += n
-        out.append(acc)
-    return out
+    return list(itertools.accumulate(per_doc))
