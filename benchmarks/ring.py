@@ -13,11 +13,12 @@ with ``--baseline REV``, the ring of commit REV loaded from git (``src/fascore/d
 at REV), the implementation this one is compared with. Each rank creates only its shard; every
 strategy warms up on a short sequence first.
 
-Reported per strategy: forward and backward wall time (slowest rank after a barrier; the best of
-``--repeat`` repeats), the ring's backward time spent waiting for transfers that compute did not
-hide (``bwd wait``, including the dK/dV hop home), and the per-rank peak memory of one forward +
-backward above the memory in use before it (CPU: peak RSS, ``fascore.tools.bench.PeakMemory``;
-CUDA: the caching allocator's peak). Threads per process: cores // W (at least 1). Results go to
+Reported per strategy: forward and backward wall time (slowest rank after a barrier; the median of
+``--repeat`` repeats; against the baseline ring: the median of per-repeat ratios), the ring's
+backward time spent waiting for transfers that compute did not hide (``bwd wait``, including the
+dK/dV hop home), and the per-rank peak memory of one forward + backward above the memory in use
+before it (CPU: peak RSS, ``fascore.tools.bench.PeakMemory``; CUDA: the caching allocator's peak).
+Threads per process: cores // W (at least 1). Results go to
 stdout as a markdown table and, with --out, as CSV.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import datetime
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,20 +183,30 @@ def run(world: int, args: argparse.Namespace) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (procs, strategy): best over repeats of the slowest rank; memory: the largest rank."""
+    """Per (procs, strategy): the median over repeats of the slowest rank (and the per-repeat
+    values, ``fwd_reps`` / ``bwd_reps``, for paired ratios); memory: the largest rank."""
     out = []
     keys = sorted({(r["procs"], r["strategy"]) for r in rows}, key=lambda k: (k[0], [x["strategy"] for x in rows
                                                                                       ].index(k[1])))
     for procs, strat in keys:
         mine = [r for r in rows if r["procs"] == procs and r["strategy"] == strat]
         reps = sorted({r["repeat"] for r in mine})
-        worst = lambda key, rep: max(r[key] for r in mine if r["repeat"] == rep)  # noqa: E731
+        worst = lambda key: [max(r[key] for r in mine if r["repeat"] == rep) for rep in reps]  # noqa: E731
         peaks = [r["peak_mb"] for r in mine if r["peak_mb"] != ""]
         waits = [r["bwd_wait_s"] for r in mine if r["bwd_wait_s"] != ""]
-        out.append(dict(procs=procs, strategy=strat, threads=mine[0]["threads"],
-                        fwd_s=min(worst("fwd_s", x) for x in reps), bwd_s=min(worst("bwd_s", x) for x in reps),
-                        bwd_wait_s=min(waits) if waits else None, peak_mb=max(peaks) if peaks else None))
+        fwd, bwd = worst("fwd_s"), worst("bwd_s")
+        out.append(dict(procs=procs, strategy=strat, threads=mine[0]["threads"], fwd_s=statistics.median(fwd),
+                        bwd_s=statistics.median(bwd), fwd_reps=fwd, bwd_reps=bwd,
+                        bwd_wait_s=statistics.median(waits) if waits else None,
+                        peak_mb=max(peaks) if peaks else None))
     return out
+
+
+def paired(a: dict, b: dict | None, key: str) -> str:
+    """Median over repeats of a's time / b's time in the same repeat (they ran interleaved)."""
+    if not b:
+        return "-"
+    return f"{statistics.median(x / y for x, y in zip(a[key], b[key])):.2f}"
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -218,7 +230,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=["ring", "ulysses", "hybrid"],
                     choices=["ring", "ulysses", "hybrid"])
     ap.add_argument("--baseline", default="", help="a git revision whose ring_attention to run as well")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default="", help="gloo (cpu default) or nccl (cuda default)")
     ap.add_argument("--threads", type=int, default=0, help="threads per process (0: cores // procs)")
@@ -249,7 +261,7 @@ def main() -> None:
         cells = [r["procs"], r["strategy"], r["threads"], f"{r['fwd_s']:.2f}", f"{r['bwd_s']:.2f}",
                  _fmt(r["bwd_wait_s"], 2), _fmt(r["peak_mb"], 0),
                  _ratio(r["fwd_s"], single and single["fwd_s"]), _ratio(r["bwd_s"], single and single["bwd_s"]),
-                 _ratio(r["bwd_s"], b["bwd_s"]) if b and r["strategy"] == "ring" else "-"]
+                 paired(r, b, "bwd_reps") if r["strategy"] == "ring" else "-"]
         print("| " + " | ".join(str(x) for x in cells) + " |", flush=True)
     print(f"# load {os.getloadavg()[0]:.2f} at end")
     if args.out:

@@ -255,6 +255,43 @@ def test_non_contiguous_views():
     check_segments(inp, scale=0.3, atten_mask=CAUSAL, sparse_mode=2)
 
 
+@needs_native
+@pytest.mark.parametrize("layout", ["BSH", "SBH", "TND", "BNSD"])
+def test_reread_operands_regrouped(layout, monkeypatch):
+    """K/V (forward) and Q/dY (backward), re-read by every tile pass, are copied with each head's
+    rows adjacent when the layout interleaves heads (not BNSD): within the rule, and bitwise equal
+    to reading them in place."""
+    nat.config["tiles"] = (8, 8)  # >= 4 passes over each operand
+    if layout == "TND":
+        inp = make_qkv("TND", N1=4, N2=2, D=16, seqlens_q=[30, 25], seqlens_kv=[40, 37], seed=12)
+    else:
+        inp = make_qkv(layout, B=2, N1=4, N2=2, Sq=45, Skv=52, D=16, seed=12)
+    copied = []
+    real = nat._heads_adjacent
+
+    def spy(t, passes):
+        out = real(t, passes)
+        copied.append(out is not t)
+        assert out.is_contiguous() and torch.equal(out, t)
+        return out
+    monkeypatch.setattr(nat, "_heads_adjacent", spy)
+    kw = dict(scale=0.3, atten_mask=CAUSAL, sparse_mode=3)
+    got = check_segments(inp, **kw)
+    assert any(copied) == (layout != "BNSD")
+    monkeypatch.setattr(nat, "_heads_adjacent", real)
+    monkeypatch.setattr(nat, "_REREADS", 1 << 40)  # never copied: the strided reads
+    prob = problem(inp, **kw)
+    for seg, (o, m, l) in zip(prob.segments, got):
+        o2, m2, l2 = nat.forward(seg, prob)
+        assert torch.equal(o, o2) and torch.equal(m, m2) and torch.equal(l, l2)
+        dy = randn(tuple(o.shape), torch.float32, gen(3))
+        g1 = nat.backward(seg, prob, dy, o, m, l, None, None)
+        monkeypatch.setattr(nat, "_REREADS", 4)
+        g2 = nat.backward(seg, prob, dy, o, m, l, None, None)
+        monkeypatch.setattr(nat, "_REREADS", 1 << 40)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks: every sparse mode, explicit masks by tile, invalid rows
 # ----------------------------------------------------------------------------------------------
