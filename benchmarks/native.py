@@ -5,7 +5,9 @@
 Rows of issue 12's table: dense fp32/bf16/fp16 B1 N8 S2048 D128, causal (sparse_mode 3), GQA
 causal B2 N16/4 S1024 D64, small causal B4 N8 S256 D64, decode B8 N32 Sq1 Skv4096 D128, band
 w256 S8192 (SDPA with a boolean mask; FlexAttention compiled, forward), dropout (keep_prob 0.9,
-vs the engine's own time without dropout). Each time is the median of ``--repeat`` runs after a
+vs the engine's own time without dropout), causal B1 N4 S8192 D64 on BSH storage (vs the same case in
+BNSD, and vs the native kernels reading the re-read operands in place instead of regrouping them:
+``native-inplace``). Each time is the median of ``--repeat`` runs after a
 warm-up; ratios are native time / SDPA time measured in the same run and thread count, with the
 implementations of a case interleaved repeat by repeat (so that load changes hit all alike). The bmm
 ceiling (GFLOP/s of torch.bmm in the same dtype) is measured in the same run; effective GFLOP/s
@@ -50,6 +52,7 @@ class Case:
     pre: int = 2147483647
     nxt: int = 2147483647
     keep_prob: float = 1.0
+    layout: str = "BNSD"  # "BSH": fascore and SDPA get the same BSH storage (SDPA as a BNSD view)
 
     def allowed(self) -> torch.Tensor | None:
         if self.mode == 0:
@@ -77,6 +80,7 @@ CASES = [
     Case("decode fp32", 8, 32, 32, 1, 4096, 128, torch.float32),
     Case("band w256 fp32", 1, 4, 4, 8192, 8192, 64, torch.float32, mode=4, pre=256, nxt=256),
     Case("dropout fp32", 1, 8, 8, 2048, 2048, 128, torch.float32, keep_prob=0.9),
+    Case("causal fp32 BSH", 1, 4, 4, 8192, 8192, 64, torch.float32, mode=3, layout="BSH"),
 ]
 
 
@@ -87,15 +91,26 @@ def bmm_rate(dtype: torch.dtype, repeat: int) -> float:
     return 8 * 2 * 512 * 128 * 512 / t / 1e9
 
 
-def inputs(case: Case, grad: bool) -> tuple[torch.Tensor, ...]:
+def inputs(case: Case, grad: bool, layout: str) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(case.b, case.n1, case.sq, case.d, generator=g).to(case.dtype)
     k = torch.randn(case.b, case.n2, case.skv, case.d, generator=g).to(case.dtype)
     v = torch.randn(case.b, case.n2, case.skv, case.d, generator=g).to(case.dtype)
+    if layout == "BSH":
+        q, k, v = (x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1).contiguous() for x in (q, k, v))
     return tuple(x.requires_grad_(grad) for x in (q, k, v))
 
 
-def fascore_fn(case: Case, engine: str, keep_prob: float | None = None) -> Callable:
+def _bnsd(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A BSH tensor as a [B, N, S, D] view."""
+    return x.view(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
+
+
+def fascore_fn(case: Case, engine: str, keep_prob: float | None = None, layout: str = "",
+               in_place: bool = False) -> Callable:
+    """``in_place``: the native kernels read re-read operands through their strides, not regrouped
+    (``native._REREADS`` out of reach), the behaviour before the regrouping."""
+    lay = layout or case.layout
     kw = {}
     if case.mode:
         kw = dict(atten_mask=COMPRESSED, sparse_mode=case.mode, pre_tokens=case.pre, next_tokens=case.nxt)
@@ -103,7 +118,9 @@ def fascore_fn(case: Case, engine: str, keep_prob: float | None = None) -> Calla
     scale = case.d ** -0.5
 
     def fn(q, k, v):
-        return fascore.npu_fusion_attention_v2(q, k, v, case.n1, "BNSD", scale=scale, keep_prob=kp, seed=1, **kw)[0]
+        return fascore.npu_fusion_attention_v2(q, k, v, case.n1, lay, scale=scale, keep_prob=kp, seed=1, **kw)[0]
+    fn.layout = lay
+    fn.rereads = 1 << 62 if in_place else native._REREADS
     fn.engine = engine  # step() selects it around forward *and* backward (autograd runs the
     return fn           # backward with the engine current at backward time)
 
@@ -117,8 +134,11 @@ def sdpa_fn(case: Case) -> Callable:
     p = 1.0 - case.keep_prob
 
     def fn(q, k, v):
+        if case.layout == "BSH":
+            q, k, v = _bnsd(q, case.n1), _bnsd(k, case.n2), _bnsd(v, case.n2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, dropout_p=p,
                                               enable_gqa=gqa)
+    fn.layout = case.layout
     return fn
 
 
@@ -138,16 +158,24 @@ def flex_fn(case: Case) -> Callable | None:
 
 
 def step(fn: Callable, case: Case, grad: bool) -> Callable[[], None]:
-    q, k, v = inputs(case, grad)
+    layout = getattr(fn, "layout", "BNSD")
+    q, k, v = inputs(case, grad, layout)
     dy = torch.randn(case.b, case.n1, case.sq, case.d).to(case.dtype) if grad else None
+    if dy is not None and layout == "BSH" and getattr(fn, "engine", None):
+        dy = dy.transpose(1, 2).reshape(case.b, case.sq, -1).contiguous()
 
     engine = getattr(fn, "engine", None)
 
     def run() -> None:
-        with fascore.use_engine(engine) if engine else contextlib.nullcontext():
-            out = fn(q, k, v)
-            if grad:
-                torch.autograd.grad(out, (q, k, v), dy)
+        saved = native._REREADS
+        native._REREADS = getattr(fn, "rereads", saved)
+        try:
+            with fascore.use_engine(engine) if engine else contextlib.nullcontext():
+                out = fn(q, k, v)
+                if grad:
+                    torch.autograd.grad(out, (q, k, v), dy)
+        finally:
+            native._REREADS = saved
     return run
 
 
@@ -157,6 +185,9 @@ def run_case(case: Case, repeat: int, threads: int, with_flash: bool) -> list[di
     impls = {"native": fascore_fn(case, "native"), "sdpa": sdpa_fn(case)}
     if with_flash:
         impls["flash"] = fascore_fn(case, "flash")
+    if case.layout != "BNSD":
+        impls["native-bnsd"] = fascore_fn(case, "native", layout="BNSD")
+        impls["native-inplace"] = fascore_fn(case, "native", in_place=True)
     if case.keep_prob < 1.0:
         impls["native-nodrop"] = fascore_fn(case, "native", keep_prob=1.0)
     if case.mode == 4:
@@ -213,6 +244,10 @@ def table(rows: list[dict], ceilings: dict) -> str:
             other.append(f"fwd native/flex {ratio('native', 'flex', 'fwd')}")
         if by.get((case, "native-nodrop", "fwd+bwd", th)):
             other.append(f"fwd+bwd dropout/no-dropout {ratio('native', 'native-nodrop', 'fwd+bwd')}")
+        if by.get((case, "native-bnsd", "fwd+bwd", th)):
+            other.append(f"native {case.split()[-1]}/BNSD fwd {ratio('native', 'native-bnsd', 'fwd')}, "
+                         f"fwd+bwd {ratio('native', 'native-bnsd', 'fwd+bwd')}; regrouped/in-place reads fwd "
+                         f"{ratio('native', 'native-inplace', 'fwd')}, fwd+bwd {ratio('native', 'native-inplace', 'fwd+bwd')}")
         nat = by.get((case, "native", "fwd", th))
         dt = "bf16" if "bf16" in case else ("fp16" if "fp16" in case else "fp32")
         if nat and case.startswith("dense"):
