@@ -6,7 +6,9 @@ m, l, dpse, dsink)``, ``workspace_bytes(seg, prob, backward)``; plus ``not_suppo
 
 What runs (``csrc/``): per segment one pass over (batch, kv head, query block) work items
 (forward) or (batch, kv head) items (backward), on ``at::parallel_for``. Operands of any layout
-are read through their strides and converted to float32 per tile; logits, statistics and
+are read through their strides and converted to float32 per tile; those that every tile pass
+re-reads (K/V in forward, Q/dY in backward) are first copied with each head's rows adjacent when
+the layout interleaves heads (BSH, SBH, BSND, TND); logits, statistics and
 accumulators are float32 (semantics §3). The block plan skips EMPTY tiles and does no mask work on FULL
 ones (band / prefix analytic, explicit masks summarised per tile); every pse form, sink, invalid
 rows and semantics §5's Philox (7 rounds, Ascend's byte model) are computed inside the kernel. The GEMMs
