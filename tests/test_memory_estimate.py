@@ -81,12 +81,19 @@ def measure(spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+_RSS_NOISE = 256 * 1024  # bytes
+
+
 @pytest.mark.parametrize("pass_", ["fwd", "bwd"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_estimate_within_2x_of_measured_peak(name, pass_):
     r = measure(dict(SHAPES[name], **{"pass": pass_}))
     peak, est = max(r["peak"], 1), r["estimate"]
-    assert peak / 2 <= est <= 2 * peak, f"{name} {pass_}: estimate {est / 2**20:.1f} MB, measured {peak / 2**20:.1f} MB"
+    # RSS growth is not exact below a few hundred KB: an allocation can land on pages that are
+    # already resident (decode fwd allocates 128 KB and measured 20 KB in 1 of 6 runs).
+    floor = _RSS_NOISE
+    assert peak / 2 - floor <= est <= 2 * peak + floor, \
+        f"{name} {pass_}: estimate {est / 2**20:.3f} MB, measured {peak / 2**20:.3f} MB"
 
 
 def test_the_reported_shapes_run():

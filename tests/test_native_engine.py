@@ -292,6 +292,14 @@ def test_reread_operands_regrouped(layout, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
+def test_broadcast_operands_not_regrouped():
+    """A zero-stride (expanded) operand is read in place: a copy would materialise every repeat."""
+    k = randn((1, 64, 2, 16), torch.float32, gen(1)).expand(3, 64, 2, 16)  # BSND, batch broadcast
+    assert not nat._regroup(k.permute(0, 2, 1, 3), 100)
+    assert nat._regroup(k.contiguous().permute(0, 2, 1, 3), 100)
+    assert not nat._regroup(k.contiguous().permute(0, 2, 1, 3), 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks: every sparse mode, explicit masks by tile, invalid rows
 # ----------------------------------------------------------------------------------------------

@@ -103,8 +103,11 @@ def _passes(seg, prob, backward: bool) -> int:
 def _regroup(t: Tensor, passes: int) -> bool:
     """Copy ``t`` ([B, N, S, D]) with each head's rows adjacent? When tile passes re-read it and its
     rows are interleaved with other heads' (BSH, SBH, BSND, TND): strided re-reads made the backward
-    1.45x slower (B1 N4 S8192 D64, BSH against BNSD); the copy is one read and one write."""
-    return passes >= _REREADS and not t.is_contiguous()
+    1.45x slower (B1 N4 S8192 D64, BSH against BNSD); the copy is one read and one write. Never
+    for a broadcast (zero-stride) operand: the copy would materialise every repeat."""
+    if passes < _REREADS or t.is_contiguous():
+        return False
+    return all(st != 0 for st, n in zip(t.stride(), t.shape) if n > 1)
 
 
 def _heads_adjacent(t: Tensor, passes: int) -> Tensor:
