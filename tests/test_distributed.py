@@ -238,20 +238,13 @@ def _geometry(name, world_size):
     if c["layout"] == "TND":
         kv_docs = c["kv_docs"] or DOCS
         c["b"], c["s"], c["skv"] = 1, sum(DOCS) + 3, sum(kv_docs) + 3
-        c["cum"], c["cum_kv"] = _cumsum(DOCS), _cumsum(kv_docs)
+        from conftest import cumsum
+        c["cum"], c["cum_kv"] = cumsum(DOCS), cumsum(kv_docs)
     else:
         c["s"] = 4 * 2 * world_size + (3 if c["uneven"] else 0)
         c["skv"] = c["s"] + c["skv_extra"]
         c["cum"] = c["cum_kv"] = None
     return c
-
-
-def _cumsum(lens):
-    out, acc = [], 0
-    for n in lens:
-        acc += n
-        out.append(acc)
-    return out
 
 
 def _cum(c, lay, kv):

@@ -91,8 +91,7 @@ def test_estimate_within_2x_of_measured_peak(name, pass_):
     peak, est = max(r["peak"], 1), r["estimate"]
     # RSS growth is not exact below a few hundred KB: an allocation can land on pages that are
     # already resident (decode fwd allocates 128 KB and measured 20 KB in 1 of 6 runs).
-    floor = _RSS_NOISE
-    assert peak / 2 - floor <= est <= 2 * peak + floor, \
+    assert peak / 2 - _RSS_NOISE <= est <= 2 * peak + _RSS_NOISE, \
         f"{name} {pass_}: estimate {est / 2**20:.3f} MB, measured {peak / 2**20:.3f} MB"
 
 

@@ -93,10 +93,9 @@ def _tiles(seg, prob, backward: bool) -> tuple[int, int]:
     return bq, 128
 
 
-def _passes(seg, prob, backward: bool) -> int:
-    """How often the kernel reads the re-read operands: K/V once per query block (forward), Q/dY
-    once per key block (backward)."""
-    bq, bk = _tiles(seg, prob, backward)
+def _passes(seg, bq: int, bk: int, backward: bool) -> int:
+    """How often the kernel reads the re-read operands with tiles (bq, bk): K/V once per query
+    block (forward), Q/dY once per key block (backward)."""
     return -(-seg.mask.skv // bk) if backward else -(-seg.mask.sq // bq)
 
 
@@ -120,7 +119,7 @@ def forward(seg, prob) -> tuple[Tensor, Tensor, Tensor]:
     ext = _build.extension()
     bq, bk = _tiles(seg, prob, False)
     p = _adapter.pack(seg, prob, bq, bk)
-    n = _passes(seg, prob, False)
+    n = _passes(seg, bq, bk, False)
     out, m, l = ext.forward(seg.q, _heads_adjacent(seg.k, n), _heads_adjacent(seg.v, n), p.ex, p.pse, p.slopes,
                             p.sink, p.bits, p.prefix, p.dbase, p.ip, p.fp)
     _ran(ext, seg, prob, False)
@@ -139,7 +138,7 @@ def backward(seg, prob, dy: Tensor, out: Tensor, m: Tensor, l: Tensor, dpse: Ten
     if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         out = out.to(torch.float32)
     m, l = m.to(torch.float32), l.to(torch.float32)
-    n = _passes(seg, prob, True)
+    n = _passes(seg, bq, bk, True)
     q, dy = _heads_adjacent(seg.q, n), _heads_adjacent(dy, n)
     dq, dk, dv = ext.backward(q, seg.k, seg.v, dy, out, m, l, p.ex, p.pse, p.slopes, p.sink, p.bits, p.prefix,
                               p.dbase, dpse if seg.pse is not None else None, dsink, p.ip, p.fp)
@@ -163,7 +162,7 @@ def workspace_bytes(seg, prob, backward: bool) -> int:
     nq, nk = -(-sq // bq), -(-skv // bk)
     ex = seg.mask.explicit
     summary = (ex.shape[0] * ex.shape[1] * nq * nk) if ex is not None else 0
-    n = nk if backward else nq  # _passes
+    n = _passes(seg, bq, bk, backward)
     if not backward:
         copies = sum(t.numel() * t.element_size() for t in (seg.k, seg.v) if _regroup(t, n))
         return scratch + summary + copies + 4 * b * n1 * sq * (r8(dv) + 2)
